@@ -1,0 +1,67 @@
+"""Quiet TensorFlow import, seeds and determinism, in one place.
+
+TensorFlow >= 2.16 writes C++ log lines (oneDNN notice, CUDA probe, CPU feature guard) to the
+process's standard error while it is imported, whatever ``TF_CPP_MIN_LOG_LEVEL`` says. In a
+Jupyter kernel those lines appear as red stderr output under the first cell. This module
+imports TensorFlow once with file descriptor 2 pointed at ``/dev/null`` and re-exports it, so
+every other module (and every notebook) does ``from helpers.runtime import tf, keras``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the duration of the block (C++ logs included)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # e.g. a Jupyter stream without a real fd
+        fd = 2
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
+with _stderr_silenced():
+    import tensorflow as tf
+    import keras
+
+    tf.get_logger().setLevel("ERROR")
+    # Initialise the devices now, still silenced: the CUDA probe logs an error on CPU-only hosts.
+    tf.config.list_logical_devices()
+
+if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the installation
+    raise ImportError(
+        f"helpers needs Keras 3 (TensorFlow >= 2.16); found keras {keras.__version__}"
+    )
+
+
+def set_determinism(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow and make TensorFlow ops deterministic.
+
+    Calls :func:`keras.utils.set_random_seed` and
+    :func:`tf.config.experimental.enable_op_determinism`, so the same run gives the same numbers.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+__all__ = ["keras", "set_determinism", "tf"]
