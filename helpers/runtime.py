@@ -39,8 +39,8 @@ def _stderr_silenced() -> Iterator[None]:
 
 
 with _stderr_silenced():
-    import tensorflow as tf
     import keras
+    import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
     # Initialise the devices now, still silenced: the CUDA probe logs an error on CPU-only hosts.
