@@ -61,7 +61,6 @@ DEFAULT_BATCH_SIZE = 2000
 AUTODIFF_CHUNK = 64
 
 
-
 # --------------------------------------------------------------------------------------------
 # Forward pass and activation derivatives
 # --------------------------------------------------------------------------------------------
@@ -83,7 +82,9 @@ def _derivatives(name: str, a: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tens
     return a, tf.ones_like(a), tf.zeros_like(a)  # linear, and softmax folded into the loss
 
 
-def _forward(chain: Chain, x: tf.Tensor) -> tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
+def _forward(
+    chain: Chain, x: tf.Tensor
+) -> tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
     """Layer inputs z_{l-1}, f'(a_l), f''(a_l) for every Dense step, and the output z_L (logits)."""
     z = tf.reshape(x, [-1, math.prod(chain.input_shape)])
     inputs, first, second = [], [], []
@@ -107,7 +108,9 @@ def _kernels(chain: Chain) -> list[tf.Tensor]:
     return [tf.convert_to_tensor(step.kernel) for step in chain.steps]
 
 
-def _lecun_batch(chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName, full: bool) -> list[tf.Tensor]:
+def _lecun_batch(
+    chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName, full: bool
+) -> list[tf.Tensor]:
     inputs, d1, d2, out = _forward(chain, x)
     _, g, s_diag, _ = output_boundary(out, y, loss, chain.num_outputs)
     kernels = _kernels(chain)
@@ -130,7 +133,9 @@ def _lecun_batch(chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName, full:
     return result
 
 
-def _exact_gauss_newton_batch(chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName) -> list[tf.Tensor]:
+def _exact_gauss_newton_batch(
+    chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName
+) -> list[tf.Tensor]:
     """Exact diagonal for piecewise-linear chains: sum_k (J^T u_k)^2, the K vectors batched."""
     inputs, d1, _, out = _forward(chain, x)
     _, _, _, factor = output_boundary(out, y, loss, chain.num_outputs)
@@ -139,7 +144,9 @@ def _exact_gauss_newton_batch(chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: Lo
     vectors = factor() * d1[last][None]  # (K, B, m): backpropagated u_k at a_L
     result: list[tf.Tensor] = [None] * len(chain.steps)  # type: ignore[list-item]
     for k in range(last, -1, -1):
-        result[k] = tf.matmul(tf.square(inputs[k]), tf.reduce_sum(tf.square(vectors), axis=0), transpose_a=True)
+        result[k] = tf.matmul(
+            tf.square(inputs[k]), tf.reduce_sum(tf.square(vectors), axis=0), transpose_a=True
+        )
         if k == 0:
             break
         vectors = tf.matmul(vectors, kernels[k], transpose_b=True) * d1[k - 1][None]
@@ -165,7 +172,9 @@ def _exact_block_batch(chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName)
         w = kernels[k]
         h_z = tf.einsum("ij,bjk,lk->bil", w, m_block, w)
         g_z = tf.matmul(delta, w, transpose_b=True)
-        m_block = d1[k - 1][:, :, None] * h_z * d1[k - 1][:, None, :] + tf.linalg.diag(d2[k - 1] * g_z)
+        m_block = d1[k - 1][:, :, None] * h_z * d1[k - 1][:, None, :] + tf.linalg.diag(
+            d2[k - 1] * g_z
+        )
         delta = d1[k - 1] * g_z
     return result
 
@@ -273,10 +282,14 @@ def _accumulate(
         if xb.shape[0] == 0:
             continue
         parts = fn(xb, yb)
-        totals = list(parts) if totals is None else [t + p for t, p in zip(totals, parts, strict=True)]
+        totals = (
+            list(parts) if totals is None else [t + p for t, p in zip(totals, parts, strict=True)]
+        )
         n += int(xb.shape[0])
     if totals is None:
-        raise ValueError("the data is empty: second derivatives of a mean over zero samples are undefined")
+        raise ValueError(
+            "the data is empty: second derivatives of a mean over zero samples are undefined"
+        )
     return totals, n
 
 
@@ -319,7 +332,13 @@ def second_derivatives(
     if method == "autodiff":
         return {
             step.path: autodiff_entries(
-                model, x, y, path=step.path, batch_size=batch_size, loss=loss_name, progress=progress
+                model,
+                x,
+                y,
+                path=step.path,
+                batch_size=batch_size,
+                loss=loss_name,
+                progress=progress,
             ).reshape(tuple(step.kernel.shape))
             for step in chain.steps
         }
@@ -365,16 +384,25 @@ def autodiff_entries(
     chain, loss_name = _prepare(model, loss)
     by_path = {step.path: i for i, step in enumerate(chain.steps)}
     if path not in by_path:
-        raise KeyError(f"{path!r} is not a prunable kernel of model {model.name!r}; known: {sorted(by_path)}")
+        raise KeyError(
+            f"{path!r} is not a prunable kernel of model {model.name!r}; known: {sorted(by_path)}"
+        )
     layer_index = by_path[path]
     size = math.prod(chain.steps[layer_index].kernel.shape)
     idx = np.arange(size) if indices is None else np.asarray(indices).reshape(-1)
-    if idx.size == 0 or not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= size:
+    if (
+        idx.size == 0
+        or not np.issubdtype(idx.dtype, np.integer)
+        or idx.min() < 0
+        or idx.max() >= size
+    ):
         raise ValueError(f"indices must be non-empty integers in [0, {size}) for {path!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     fn = _autodiff_function(chain, layer_index, loss_name)
-    chunks = [tf.constant(idx[i : i + chunk_size], tf.int32) for i in range(0, idx.size, chunk_size)]
+    chunks = [
+        tf.constant(idx[i : i + chunk_size], tf.int32) for i in range(0, idx.size, chunk_size)
+    ]
     data, count = batches(chain, x, y, loss_name, batch_size)
     totals, n = _accumulate(
         chain,
@@ -402,7 +430,10 @@ def mean_loss(
             value, *_ = output_boundary(out, yb, loss_name, chain.num_outputs)
             return [tf.reduce_sum(value)]
 
-        specs = [tf.TensorSpec((None, *chain.input_shape), chain.dtype), label_spec(chain, loss_name)]
+        specs = [
+            tf.TensorSpec((None, *chain.input_shape), chain.dtype),
+            label_spec(chain, loss_name),
+        ]
         return tf.function(body, input_signature=specs)
 
     fn = _compiled(chain, f"loss/{loss_name}", build)

@@ -31,11 +31,20 @@ class Evaluation:
 class Evaluator:
     """Evaluate ``model`` on fixed ``(x, y)`` repeatedly, with the weights it has at each call."""
 
-    def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray, *, batch_size: int = DEFAULT_EVAL_BATCH):
+    def __init__(
+        self,
+        model: keras.Model,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        batch_size: int = DEFAULT_EVAL_BATCH,
+    ):
         chain = as_chain(model)
         loss = resolve_loss(model)
         if loss != "softmax_cross_entropy":
-            raise ValueError(f"accuracy needs a classifier trained with cross-entropy; model uses {loss!r}")
+            raise ValueError(
+                f"accuracy needs a classifier trained with cross-entropy; model uses {loss!r}"
+            )
         data, _ = batches(chain, x, y, loss, batch_size)
         self.model = model
         self._batches = list(data)
@@ -63,7 +72,9 @@ class Evaluator:
         return self._fn.experimental_get_tracing_count()
 
 
-def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, *, batch_size: int = DEFAULT_EVAL_BATCH) -> Evaluation:
+def evaluate(
+    model: keras.Model, x: np.ndarray, y: np.ndarray, *, batch_size: int = DEFAULT_EVAL_BATCH
+) -> Evaluation:
     """Mean cross-entropy and accuracy of ``model`` (inference mode) on ``(x, y)``."""
     return Evaluator(model, x, y, batch_size=batch_size)()
 

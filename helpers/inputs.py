@@ -25,9 +25,13 @@ def label_spec(chain: Chain, loss: LossName) -> tf.TensorSpec:
     return tf.TensorSpec([None, chain.num_outputs], chain.dtype)
 
 
-def _check_arrays(chain: Chain, x: object, y: object, loss: LossName) -> tuple[np.ndarray, np.ndarray]:
+def _check_arrays(
+    chain: Chain, x: object, y: object, loss: LossName
+) -> tuple[np.ndarray, np.ndarray]:
     if y is None:
-        raise ValueError("y is required when x is an array (pass a tf.data.Dataset of (x, y) batches otherwise)")
+        raise ValueError(
+            "y is required when x is an array (pass a tf.data.Dataset of (x, y) batches otherwise)"
+        )
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[1:] != chain.input_shape:
         raise ValueError(
@@ -77,7 +81,9 @@ def _check_dataset(chain: Chain, dataset: tf.data.Dataset, loss: LossName) -> No
         )
     want = 1 if loss == "softmax_cross_entropy" else 2
     if y_spec.shape.rank != want:
-        raise ValueError(f"dataset batches y have shape {tuple(y_spec.shape)}; expected rank {want}")
+        raise ValueError(
+            f"dataset batches y have shape {tuple(y_spec.shape)}; expected rank {want}"
+        )
     if loss == "softmax_cross_entropy" and not y_spec.dtype.is_integer:
         raise ValueError(f"dataset labels must be integers, got {y_spec.dtype.name}")
 

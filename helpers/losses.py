@@ -71,7 +71,9 @@ def _loss_from_compiled(model: keras.Model, final_softmax: bool) -> str:
     )
 
 
-def per_sample_loss(output: tf.Tensor, y: tf.Tensor, loss: LossName, from_logits: bool) -> tf.Tensor:
+def per_sample_loss(
+    output: tf.Tensor, y: tf.Tensor, loss: LossName, from_logits: bool
+) -> tf.Tensor:
     """The per-sample loss of a model output, computed by Keras' own loss functions."""
     if loss == "softmax_cross_entropy":
         return keras.losses.sparse_categorical_crossentropy(y, output, from_logits=from_logits)

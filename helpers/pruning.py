@@ -57,7 +57,9 @@ def _check_scope(scope: str) -> None:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
 
-def removal_ranks(scores: Mapping[str, np.ndarray], scope: Scope = "global") -> dict[str, np.ndarray]:
+def removal_ranks(
+    scores: Mapping[str, np.ndarray], scope: Scope = "global"
+) -> dict[str, np.ndarray]:
     """For every weight, its position in the removal order (0 = removed first), within all
     kernels (``"global"``) or within its own kernel (``"layer"``)."""
     _check_scope(scope)
@@ -90,7 +92,9 @@ def _masks_from_ranks(ranks: Mapping[str, np.ndarray], fraction: float, scope: S
     return {p: r >= k for p, r in ranks.items()}
 
 
-def masks_from_scores(scores: Mapping[str, np.ndarray], fraction: float, *, scope: Scope = "global") -> Masks:
+def masks_from_scores(
+    scores: Mapping[str, np.ndarray], fraction: float, *, scope: Scope = "global"
+) -> Masks:
     """Keep-masks that remove exactly ``round(fraction * n)`` lowest-scored weights (module doc)."""
     return _masks_from_ranks(removal_ranks(scores, scope), check_fraction(fraction), scope)
 
@@ -109,7 +113,9 @@ class WeightSnapshot:
 
 def snapshot(model: keras.Model) -> WeightSnapshot:
     """Copy the current kernels of ``model``."""
-    return WeightSnapshot(model, {p: np.array(k.numpy()) for p, k in prunable_kernels(model).items()})
+    return WeightSnapshot(
+        model, {p: np.array(k.numpy()) for p, k in prunable_kernels(model).items()}
+    )
 
 
 def _check_masks(model: keras.Model, masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -120,7 +126,9 @@ def _check_masks(model: keras.Model, masks: Mapping[str, np.ndarray]) -> dict[st
     return {p: v.astype(bool) for p, v in checked.items()}
 
 
-def apply_masks(model: keras.Model, masks: Mapping[str, np.ndarray], base: WeightSnapshot | None = None) -> WeightSnapshot:
+def apply_masks(
+    model: keras.Model, masks: Mapping[str, np.ndarray], base: WeightSnapshot | None = None
+) -> WeightSnapshot:
     """Set the masked-out kernel weights of ``model`` to zero.
 
     The kept weights take their values from ``base`` (default: the model's current kernels).
@@ -130,7 +138,9 @@ def apply_masks(model: keras.Model, masks: Mapping[str, np.ndarray], base: Weigh
     checked = _check_masks(model, masks)
     base = base if base is not None else snapshot(model)
     for path, kernel in prunable_kernels(model).items():
-        kernel.assign(np.where(checked[path], base.kernels[path], 0).astype(base.kernels[path].dtype))
+        kernel.assign(
+            np.where(checked[path], base.kernels[path], 0).astype(base.kernels[path].dtype)
+        )
     return base
 
 
@@ -187,7 +197,11 @@ def sweep(
     """
     _check_scope(scope)
     checked = check_scores(model, scores)
-    fractions = default_fractions() if fractions is None else np.asarray(fractions, dtype=np.float64).reshape(-1)
+    fractions = (
+        default_fractions()
+        if fractions is None
+        else np.asarray(fractions, dtype=np.float64).reshape(-1)
+    )
     if fractions.size == 0:
         raise ValueError("fractions is empty")
     for f in fractions:

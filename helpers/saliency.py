@@ -23,12 +23,16 @@ from helpers.runtime import keras
 Scores = dict[str, np.ndarray]
 
 
-def check_scores(model: keras.Model, scores: Mapping[str, np.ndarray], what: str = "scores") -> Scores:
+def check_scores(
+    model: keras.Model, scores: Mapping[str, np.ndarray], what: str = "scores"
+) -> Scores:
     """Return ``scores`` as float64 arrays in the model's kernel order, or raise ``ValueError``
     saying how the dictionary fails to match the model (missing or unexpected paths, wrong
     shapes, NaN)."""
     if not isinstance(scores, Mapping):
-        raise TypeError(f"{what} must be a dict {{kernel path: array}}, got {type(scores).__name__}")
+        raise TypeError(
+            f"{what} must be a dict {{kernel path: array}}, got {type(scores).__name__}"
+        )
     kernels = prunable_kernels(model)
     missing = [p for p in kernels if p not in scores]
     unexpected = [p for p in scores if p not in kernels]
@@ -52,7 +56,10 @@ def check_scores(model: keras.Model, scores: Mapping[str, np.ndarray], what: str
 def magnitude(model: keras.Model) -> Scores:
     """``|w|`` for every kernel weight of ``model``."""
     check_finite_weights(model)
-    return {path: np.abs(np.asarray(kernel.numpy(), dtype=np.float64)) for path, kernel in prunable_kernels(model).items()}
+    return {
+        path: np.abs(np.asarray(kernel.numpy(), dtype=np.float64))
+        for path, kernel in prunable_kernels(model).items()
+    }
 
 
 def obd(model: keras.Model, second_derivatives: Mapping[str, np.ndarray]) -> Scores:

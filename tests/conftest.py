@@ -26,7 +26,9 @@ def make_mlp(
     layers: list = [keras.Input((n_in,), dtype=dtype)]
     for width in hidden:
         layers.append(
-            keras.layers.Dense(width, activation=activation, dtype=dtype, bias_initializer="random_normal")
+            keras.layers.Dense(
+                width, activation=activation, dtype=dtype, bias_initializer="random_normal"
+            )
         )
         if dropout:
             layers.append(keras.layers.Dropout(dropout, dtype=dtype))

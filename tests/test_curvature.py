@@ -85,7 +85,9 @@ def test_autodiff_matches_closed_form_for_softmax_regression() -> None:
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("hidden", [(6,), (6, 5), (8, 6, 5, 4)])
-def test_exact_equals_autodiff_relu_softmax(hidden: tuple[int, ...], dtype: str, classification_data) -> None:
+def test_exact_equals_autodiff_relu_softmax(
+    hidden: tuple[int, ...], dtype: str, classification_data
+) -> None:
     x, y = classification_data
     model = make_mlp(hidden=hidden, dtype=dtype)
     ref = second_derivatives(model, x, y, method="autodiff", batch_size=16)
@@ -227,7 +229,9 @@ def test_functional_model_and_flatten() -> None:
     x, y = rng.normal(size=(12, 3, 4)), rng.integers(0, 3, size=12)
     inputs = keras.Input((3, 4), dtype="float64")
     h = keras.layers.Flatten(dtype="float64")(inputs)
-    h = keras.layers.Dense(5, activation="relu", dtype="float64", bias_initializer="random_normal")(h)
+    h = keras.layers.Dense(5, activation="relu", dtype="float64", bias_initializer="random_normal")(
+        h
+    )
     outputs = keras.layers.Dense(3, activation="softmax", dtype="float64")(h)
     model = keras.Model(inputs, outputs)
     model.compile(loss="sparse_categorical_crossentropy")
@@ -251,7 +255,9 @@ def test_mean_loss_and_gradients_agree_with_keras(classification_data) -> None:
     kernels = [layer.kernel for layer in model.layers]
     with tf.GradientTape() as tape:
         # the functional form: the Loss class would cast to float32
-        value = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True))
+        value = tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True)
+        )
     for kernel, grad in zip(kernels, tape.gradient(value, kernels), strict=True):
         np.testing.assert_allclose(g[kernel.path], grad.numpy(), rtol=1e-10, atol=1e-14)
 
@@ -273,7 +279,12 @@ def test_determinism_same_seed_same_second_derivatives() -> None:
         x = np.random.default_rng(11).normal(size=(300, 20)).astype("float32")
         y = np.random.default_rng(12).integers(0, 10, size=300)
         model = make_mlp(n_in=20, hidden=(16, 16), n_out=10, dtype="float32", seed=11)
-        results.append({m: second_derivatives(model, x, y, method=m, batch_size=64) for m in ("lecun", "exact")})
+        results.append(
+            {
+                m: second_derivatives(model, x, y, method=m, batch_size=64)
+                for m in ("lecun", "exact")
+            }
+        )
     for method in ("lecun", "exact"):
         for a, b in zip(results[0][method].values(), results[1][method].values(), strict=True):
             np.testing.assert_array_equal(a, b)
@@ -285,18 +296,51 @@ def test_determinism_same_seed_same_second_derivatives() -> None:
 
 
 def test_unsupported_layers_are_named() -> None:
-    conv = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3, name="my_conv"), keras.layers.Flatten(), keras.layers.Dense(3)])
-    with pytest.raises(UnsupportedModelError, match=r"'my_conv' of type Conv2D.*supported layers: Dense"):
-        second_derivatives(conv, np.zeros((2, 8, 8, 1)), np.zeros(2, int), method="lecun", loss="softmax_cross_entropy")
-    bn = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(3)])
+    conv = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(2, 3, name="my_conv"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    with pytest.raises(
+        UnsupportedModelError, match=r"'my_conv' of type Conv2D.*supported layers: Dense"
+    ):
+        second_derivatives(
+            conv,
+            np.zeros((2, 8, 8, 1)),
+            np.zeros(2, int),
+            method="lecun",
+            loss="softmax_cross_entropy",
+        )
+    bn = keras.Sequential(
+        [keras.Input((4,)), keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(3)]
+    )
     with pytest.raises(UnsupportedModelError, match="'bn' of type BatchNormalization"):
-        second_derivatives(bn, np.zeros((2, 4)), np.zeros(2, int), method="exact", loss="softmax_cross_entropy")
-    elu = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="elu", name="d"), keras.layers.Dense(2)])
+        second_derivatives(
+            bn, np.zeros((2, 4)), np.zeros(2, int), method="exact", loss="softmax_cross_entropy"
+        )
+    elu = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3, activation="elu", name="d"),
+            keras.layers.Dense(2),
+        ]
+    )
     with pytest.raises(UnsupportedModelError, match="'d' has activation 'elu'"):
-        second_derivatives(elu, np.zeros((2, 4)), np.zeros(2, int), method="exact", loss="softmax_cross_entropy")
+        second_derivatives(
+            elu, np.zeros((2, 4)), np.zeros(2, int), method="exact", loss="softmax_cross_entropy"
+        )
     no_flatten = keras.Sequential([keras.Input((3, 4)), keras.layers.Dense(2, name="d3")])
     with pytest.raises(UnsupportedModelError, match="'d3' receives a rank-3 input; add a Flatten"):
-        second_derivatives(no_flatten, np.zeros((2, 3, 4)), np.zeros(2, int), method="exact", loss="softmax_cross_entropy")
+        second_derivatives(
+            no_flatten,
+            np.zeros((2, 3, 4)),
+            np.zeros(2, int),
+            method="exact",
+            loss="softmax_cross_entropy",
+        )
 
 
 def test_branching_functional_model_is_rejected() -> None:
@@ -306,7 +350,9 @@ def test_branching_functional_model_is_rejected() -> None:
     outputs = keras.layers.Dense(2)(keras.layers.Add(name="join")([a, b]))
     model = keras.Model(inputs, outputs)
     with pytest.raises(UnsupportedModelError, match="'join' takes 2 inputs"):
-        second_derivatives(model, np.zeros((2, 4)), np.zeros(2, int), method="exact", loss="softmax_cross_entropy")
+        second_derivatives(
+            model, np.zeros((2, 4)), np.zeros(2, int), method="exact", loss="softmax_cross_entropy"
+        )
 
 
 @pytest.mark.parametrize(

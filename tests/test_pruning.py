@@ -52,7 +52,10 @@ def test_obd_rejects_second_derivatives_of_another_model(classification_data) ->
     model = make_mlp(hidden=(6, 5))
     good = second_derivatives(model, x, y, method="lecun")
     first = next(iter(good))
-    with pytest.raises(ValueError, match=rf"second derivatives\['{first}'\] has shape \(6, 7\); the kernel has shape \(7, 6\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"second derivatives\['{first}'\] has shape \(6, 7\); the kernel has shape \(7, 6\)",
+    ):
         obd(model, {**good, first: good[first].T})
     with pytest.raises(ValueError, match="contains NaN"):
         obd(model, {**good, first: np.full_like(good[first], np.nan)})
@@ -76,7 +79,9 @@ def test_exact_counts_global_and_per_layer() -> None:
     scores = {"a": rng.random((7, 6)), "b": rng.random((6, 5)), "c": rng.random((5, 4))}  # 42+30+20
     for fraction in (0.0, 0.01, 0.1, 0.25, 0.5, 0.77, 0.999, 1.0):
         g = masks_from_scores(scores, fraction, scope="global")
-        assert removed(g) == removal_count(fraction, 92) == min(92, int(np.floor(fraction * 92 + 0.5)))
+        assert (
+            removed(g) == removal_count(fraction, 92) == min(92, int(np.floor(fraction * 92 + 0.5)))
+        )
         per_layer = masks_from_scores(scores, fraction, scope="layer")
         for path, n in (("a", 42), ("b", 30), ("c", 20)):
             assert int((~per_layer[path]).sum()) == removal_count(fraction, n)

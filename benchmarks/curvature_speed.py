@@ -1,0 +1,118 @@
+"""Cost of each second-derivative method as a ratio to one plain gradient pass.
+
+On the full 60,000 MNIST training images and the 784-50-50-50-50-10 network, in one process:
+a compiled gradient pass (``helpers.curvature.gradients``, kernels only) and each method of
+``helpers.curvature.second_derivatives`` are timed side by side, round-robin, and the median of
+the repeats is reported. Brute-force autodiff is timed on ``--autodiff-weights`` weights of the
+first kernel over the same data and extrapolated to all 47,200 weights.
+
+    python -m benchmarks.curvature_speed              # trained model (cached by helpers.models)
+    python -m benchmarks.curvature_speed --untrained  # freshly initialised weights
+
+Targets (issue 2): ``lecun`` <= 1.3x and ``exact`` <= 4x a gradient pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from helpers.curvature import DEFAULT_BATCH_SIZE, autodiff_entries, gradients, second_derivatives
+from helpers.data import load_mnist
+from helpers.models import build_mlp, train_mlp
+from helpers.network import prunable_kernels
+from helpers.runtime import set_determinism, tf
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--autodiff-weights", type=int, default=64)
+    parser.add_argument(
+        "--untrained", action="store_true", help="use initial instead of trained weights"
+    )
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    set_determinism(0)
+    (x, y), _ = load_mnist()
+    model = build_mlp(seed=0) if args.untrained else train_mlp(seed=0).model
+    n_weights = sum(int(np.prod(k.shape)) for k in prunable_kernels(model).values())
+    first = next(iter(prunable_kernels(model)))
+    bs = args.batch_size
+
+    runs: dict[str, Callable[[], object]] = {
+        "gradient": lambda: gradients(model, x, y, batch_size=bs),
+        "lecun": lambda: second_derivatives(model, x, y, method="lecun", batch_size=bs),
+        "lecun-full": lambda: second_derivatives(model, x, y, method="lecun-full", batch_size=bs),
+        "exact": lambda: second_derivatives(model, x, y, method="exact", batch_size=bs),
+        "autodiff (sample)": lambda: autodiff_entries(
+            model,
+            x,
+            y,
+            path=first,
+            indices=np.arange(args.autodiff_weights),
+            batch_size=bs,
+            chunk_size=args.autodiff_weights,
+        ),
+    }
+    for fn in runs.values():  # trace and warm up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            times[name].append(_time(fn))
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    autodiff_total = median.pop("autodiff (sample)") / args.autodiff_weights * n_weights
+    grad = median["gradient"]
+
+    print(
+        f"TensorFlow {tf.__version__}, {platform.processor() or platform.machine()}, "
+        f"{tf.config.threading.get_inter_op_parallelism_threads() or 'default'} inter-op threads"
+    )
+    print(
+        f"60,000 images, {n_weights:,} weights, batch size {bs}, median of {args.repeats} runs "
+        f"({'untrained' if args.untrained else 'trained'} weights)\n"
+    )
+    print(f"{'method':<28}{'seconds':>10}{'x gradient':>12}")
+    for name, seconds in median.items():
+        print(f"{name:<28}{seconds:>10.3f}{seconds / grad:>12.2f}")
+    print(
+        f"{'autodiff (extrapolated)':<28}{autodiff_total:>10.1f}{autodiff_total / grad:>12.0f}"
+        f"   ({median_per_weight(times, args) * 1e3:.2f} ms per weight, "
+        f"from {args.autodiff_weights} weights)"
+    )
+    results = {
+        "batch_size": bs,
+        "repeats": args.repeats,
+        "trained": not args.untrained,
+        "seconds": median,
+        "ratio_to_gradient": {name: seconds / grad for name, seconds in median.items()},
+        "autodiff_extrapolated_seconds": autodiff_total,
+        "autodiff_ratio_to_gradient": autodiff_total / grad,
+    }
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def median_per_weight(times: dict[str, list[float]], args: argparse.Namespace) -> float:
+    return statistics.median(times["autodiff (sample)"]) / args.autodiff_weights
+
+
+if __name__ == "__main__":
+    main()

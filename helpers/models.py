@@ -1,0 +1,579 @@
+"""The 784-50-50-50-50-10 network and its cached, deterministic training.
+
+:func:`build_mlp` builds (and compiles) the multilayer perceptron: ``Flatten`` then ReLU
+``Dense`` layers (optionally each followed by ``Dropout``) then a linear ``Dense`` giving logits.
+Layer and model names are fixed, so variable paths such as ``mlp/dense_1/kernel`` are the same in
+every run and every process, and the initial weights depend only on ``seed``.
+
+:func:`train_mlp` trains it on the 60,000 MNIST training images for a fixed number of epochs and
+caches the trained weights on disk, keyed by a hash of everything that affects training (the
+arguments, the Keras/TensorFlow versions and a digest of the data). The MNIST test set is passed
+to ``fit`` as ``validation_data`` only to record learning curves: there is no early stopping and
+no model selection on it, so the reported test accuracy is an honest held-out number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import operator
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from helpers.data import MnistArrays, array_digest, load_mnist
+from helpers.runtime import keras, set_determinism, tf
+
+#: Hidden-layer widths of the network in the tutorial (784-50-50-50-50-10).
+DEFAULT_HIDDEN: tuple[int, ...] = (50, 50, 50, 50)
+#: Default training schedule; see :func:`train_mlp` for the measured accuracy and time.
+DEFAULT_EPOCHS = 30
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_LEARNING_RATE = 2e-3
+DEFAULT_WEIGHT_DECAY = 0.05
+#: Learning-rate schedules :func:`train_mlp` knows: constant, or cosine decay to zero.
+LR_SCHEDULES = ("constant", "cosine")
+DEFAULT_LR_SCHEDULE = "cosine"
+
+#: ``<repository root>/.cache/models`` (git-ignored); ``OBD_CACHE_DIR`` or ``cache_dir`` override.
+DEFAULT_CACHE_DIR: Path = Path(__file__).resolve().parent.parent / ".cache" / "models"
+CACHE_DIR_ENV = "OBD_CACHE_DIR"
+#: Bumped whenever the training code changes in a way that makes older cache entries stale.
+CACHE_FORMAT = 1
+
+_HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+_EVAL_BATCH_SIZE = 2000
+_ACCURACY_TOLERANCE = 1e-6
+
+
+@dataclass
+class TrainedModel:
+    """A trained network with its learning curves.
+
+    Attributes:
+        model: the compiled Keras model (a fresh Adam optimizer at the base learning rate, so
+            fine-tuning behaves the same whether the weights were trained now or loaded).
+        history: per-epoch lists ``loss``, ``accuracy`` (training set) and ``val_loss``,
+            ``val_accuracy`` (test set, for learning curves only).
+        test_accuracy: fraction of the test images classified correctly by the final weights.
+        config: everything that determined the weights (JSON-compatible), see :func:`train_mlp`.
+        from_cache: whether the weights were loaded from the cache instead of trained.
+        train_seconds: wall-clock time of ``fit`` when the weights were trained.
+        cache_key: the cache entry's name (``None`` when the cache was not used).
+    """
+
+    model: keras.Sequential
+    history: dict[str, list[float]]
+    test_accuracy: float
+    config: dict[str, Any]
+    from_cache: bool
+    train_seconds: float = 0.0
+    cache_key: str | None = field(default=None)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _positive_int(value: object, name: str) -> int:
+    """``value`` as an int, if it is an integer (not a bool) greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return operator.index(value)
+
+
+def _check_hidden(hidden: Sequence[int]) -> tuple[int, ...]:
+    """The hidden widths as a tuple of positive ints; at least one layer."""
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+        raise ValueError(f"hidden must be a sequence of layer widths, got {hidden!r}")
+    if len(hidden) == 0:
+        raise ValueError("hidden must name at least one hidden layer")
+    return tuple(_positive_int(width, f"hidden[{i}]") for i, width in enumerate(hidden))
+
+
+def _check_rate(value: object, name: str) -> float:
+    """``value`` as a float in ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    rate = float(value)
+    if not (0.0 <= rate < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return rate
+
+
+def _check_seed(seed: object) -> int:
+    """``seed`` as a non-negative int."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return operator.index(seed)
+
+
+def _check_positive_float(value: object, name: str) -> float:
+    """``value`` as a finite float greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return number
+
+
+def _check_schedule(lr_schedule: object) -> str:
+    """``lr_schedule`` if it is one of :data:`LR_SCHEDULES`."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    return str(lr_schedule)
+
+
+def _check_weight_decay(weight_decay: object) -> float:
+    """``weight_decay`` as a finite float >= 0."""
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real):
+        raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+    value = float(weight_decay)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+    return value
+
+
+def _check_activation(activation: object) -> str:
+    """``activation`` if it is the name of a Keras activation."""
+    if not isinstance(activation, str):
+        raise ValueError(f"activation must be the name of a Keras activation, got {activation!r}")
+    try:
+        keras.activations.get(activation)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"unknown activation {activation!r}") from error
+    return activation
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _layer_seeds(seed: int, count: int) -> list[int]:
+    """``count`` distinct-looking seeds in ``[0, 2**31)`` derived from ``seed``."""
+    state = np.random.SeedSequence(seed).generate_state(count, dtype=np.uint32)
+    return [int(s) >> 1 for s in state]
+
+
+def _compile(
+    model: keras.Model,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+    weight_decay: float | None = None,
+) -> None:
+    """Compile with Adam, sparse cross-entropy on logits and accuracy."""
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate, weight_decay=weight_decay)
+    if weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias"])
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def build_mlp(
+    hidden: Sequence[int] = DEFAULT_HIDDEN,
+    dropout_rate: float = 0.0,
+    *,
+    activation: str = "relu",
+    input_shape: Sequence[int] = (28, 28),
+    num_classes: int = 10,
+    seed: int = 0,
+    learning_rate: float = 1e-3,
+) -> keras.Sequential:
+    """Build and compile the MLP ``Input -> Flatten -> (Dense [-> Dropout]) x n -> logits``.
+
+    Layers are named ``flatten``, ``dense_1`` ... ``dense_n``, ``dropout_1`` ... (only when
+    ``dropout_rate > 0``) and ``logits``, inside a model named ``mlp``; so the variable paths are
+    ``mlp/dense_1/kernel``, ``mlp/dense_1/bias``, ..., ``mlp/logits/bias`` in every process.
+    Kernels are Glorot-uniform with a seed per layer derived from ``seed``, biases are zero, so
+    two builds with the same arguments have identical weights. The default network has 47,200
+    kernel weights and 210 biases.
+
+    The model is compiled with Adam(``learning_rate``), sparse categorical cross-entropy on the
+    logits and accuracy.
+
+    Raises:
+        ValueError: an argument is out of range (empty ``hidden``, a non-positive width,
+            ``dropout_rate`` outside ``[0, 1)``, an unknown activation, ...).
+    """
+    widths = _check_hidden(hidden)
+    rate = _check_rate(dropout_rate, "dropout_rate")
+    activation = _check_activation(activation)
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+        raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
+    shape = tuple(_positive_int(n, "input_shape entries") for n in input_shape)
+    if len(shape) == 0:
+        raise ValueError("input_shape must not be empty")
+    classes = _positive_int(num_classes, "num_classes")
+    if classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
+    seeds = _layer_seeds(_check_seed(seed), 2 * len(widths) + 1)
+    if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        learning_rate = _check_positive_float(learning_rate, "learning_rate")
+
+    layers: list[keras.layers.Layer] = [keras.layers.Flatten(name="flatten")]
+    for i, width in enumerate(widths, start=1):
+        layers.append(
+            keras.layers.Dense(
+                width,
+                activation=activation,
+                kernel_initializer=keras.initializers.GlorotUniform(seed=seeds[i - 1]),
+                bias_initializer="zeros",
+                name=f"dense_{i}",
+            )
+        )
+        if rate > 0:
+            layers.append(
+                keras.layers.Dropout(rate, seed=seeds[len(widths) + i], name=f"dropout_{i}")
+            )
+    layers.append(
+        keras.layers.Dense(
+            classes,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seeds[len(widths)]),
+            bias_initializer="zeros",
+            name="logits",
+        )
+    )
+    model = keras.Sequential([keras.Input(shape=shape, name="image"), *layers], name="mlp")
+    _compile(model, learning_rate)
+    return model
+
+
+# --------------------------------------------------------------------------- data and config
+
+
+def _check_data(data: MnistArrays) -> MnistArrays:
+    """``(x_train, y_train), (x_test, y_test)`` as float32 images and int64 labels in [0, 10)."""
+    try:
+        (x_train, y_train), (x_test, y_test) = data
+    except (TypeError, ValueError) as error:
+        raise ValueError("data must be ((x_train, y_train), (x_test, y_test))") from error
+    x_train, x_test = (np.asarray(x, dtype=np.float32) for x in (x_train, x_test))
+    y_train, y_test = (np.asarray(y, dtype=np.int64) for y in (y_train, y_test))
+    for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+            raise ValueError(
+                f"{name} data must be images (N, ...) and labels (N,); "
+                f"got shapes {x.shape} and {y.shape}"
+            )
+        if y.min() < 0 or y.max() >= 10:
+            raise ValueError(f"{name} labels must be in [0, 10)")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(
+            f"train and test images differ in shape: {x_train.shape} vs {x_test.shape}"
+        )
+    return (x_train, y_train), (x_test, y_test)
+
+
+def _training_config(
+    hidden: tuple[int, ...],
+    dropout_rate: float,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    lr_schedule: str,
+    weight_decay: float,
+    data: MnistArrays,
+) -> dict[str, Any]:
+    """Everything that determines the trained weights, JSON-compatible (lists, not tuples)."""
+    (x_train, y_train), (x_test, y_test) = data
+    return {
+        "cache_format": CACHE_FORMAT,
+        "hidden": list(hidden),
+        "dropout_rate": dropout_rate,
+        "activation": "relu",
+        "input_shape": list(x_train.shape[1:]),
+        "num_classes": 10,
+        "seed": seed,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "optimizer": "adam",
+        "learning_rate": learning_rate,
+        "lr_schedule": lr_schedule,
+        "weight_decay": weight_decay,
+        "loss": "sparse_categorical_crossentropy_from_logits",
+        "train_digest": array_digest(x_train, y_train),
+        "test_digest": array_digest(x_test, y_test),
+        "n_train": len(x_train),
+        "n_test": len(x_test),
+        "keras_version": keras.__version__,
+        "tensorflow_version": tf.__version__,
+    }
+
+
+def _cache_key(config: dict[str, Any]) -> str:
+    """A readable, collision-resistant file stem for ``config``."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    widths = "-".join(str(w) for w in config["hidden"])
+    return f"mlp{widths}_drop{config['dropout_rate']:g}_seed{config['seed']}_{digest[:16]}"
+
+
+def _resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """``cache_dir``, else ``$OBD_CACHE_DIR``, else :data:`DEFAULT_CACHE_DIR`."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    from_env = os.environ.get(CACHE_DIR_ENV)
+    return Path(from_env) if from_env else DEFAULT_CACHE_DIR
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _learning_rate(
+    learning_rate: float, lr_schedule: str, steps: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The optimizer's learning rate: constant, or cosine decay to zero over ``steps``."""
+    if lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
+    return learning_rate
+
+
+def _accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of ``x`` whose largest logit is the label ``y``."""
+    correct = 0
+    for start in range(0, len(x), _EVAL_BATCH_SIZE):
+        logits = model(x[start : start + _EVAL_BATCH_SIZE], training=False)
+        predicted = np.argmax(keras.ops.convert_to_numpy(logits), axis=1)
+        correct += int(np.sum(predicted == y[start : start + _EVAL_BATCH_SIZE]))
+    return correct / len(x)
+
+
+def _fit(config: dict[str, Any], data: MnistArrays, verbose: int) -> TrainedModel:
+    """Train from scratch, deterministically for ``config['seed']``."""
+    (x_train, y_train), (x_test, y_test) = data
+    set_determinism(config["seed"])
+    model = build_mlp(
+        tuple(config["hidden"]),
+        config["dropout_rate"],
+        input_shape=tuple(config["input_shape"]),
+        seed=config["seed"],
+        learning_rate=config["learning_rate"],
+    )
+    steps = config["epochs"] * math.ceil(len(x_train) / config["batch_size"])
+    lr = _learning_rate(config["learning_rate"], config["lr_schedule"], steps)
+    _compile(model, lr, config["weight_decay"] or None)
+    start = time.perf_counter()
+    fitted = model.fit(
+        x_train,
+        y_train,
+        batch_size=config["batch_size"],
+        epochs=config["epochs"],
+        validation_data=(x_test, y_test),
+        shuffle=True,
+        verbose=verbose,
+    )
+    seconds = time.perf_counter() - start
+    history = {k: [float(v) for v in fitted.history[k]] for k in _HISTORY_KEYS}
+    _compile(model, config["learning_rate"])  # fresh optimizer, as after loading from cache
+    return TrainedModel(
+        model=model,
+        history=history,
+        test_accuracy=_accuracy(model, x_test, y_test),
+        config=config,
+        from_cache=False,
+        train_seconds=seconds,
+    )
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any, suffix: str) -> None:
+    """Call ``write(temp_path)`` on a temporary file beside ``path``, then rename it over."""
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(temp))
+        os.chmod(temp, 0o644)  # mkstemp makes the file private; the cache is not secret
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _save_weights(model: keras.Model, path: Path) -> None:
+    """``model.save_weights(path)``, without Keras's NumPy 2 copy-keyword DeprecationWarning.
+
+    Keras 3.15 converts its variables with ``np.array(variable)``, whose ``__array__`` lacks
+    the ``copy`` keyword NumPy >= 2 asks for; the values written are unaffected.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"__array__ implementation doesn't accept a copy keyword",
+            category=DeprecationWarning,
+        )
+        model.save_weights(path)
+
+
+def _save(trained: TrainedModel, directory: Path, key: str) -> None:
+    """Write ``<key>.weights.h5`` then ``<key>.json`` (with the weights' SHA-256), atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / f"{key}.weights.h5"
+    # Keras insists on the ".weights.h5" ending, so the temporary file has it too.
+    _atomic_write(weights, lambda p: _save_weights(trained.model, p), ".weights.h5")
+    record = {
+        "config": trained.config,
+        "history": trained.history,
+        "test_accuracy": trained.test_accuracy,
+        "train_seconds": trained.train_seconds,
+        "weights_file": weights.name,
+        "weights_sha256": _file_sha256(weights),
+    }
+    text = json.dumps(record, indent=2, sort_keys=True)
+    _atomic_write(directory / f"{key}.json", lambda p: p.write_text(text), ".json")
+
+
+def _valid_history(history: object) -> bool:
+    """Whether ``history`` has the four per-epoch lists of numbers."""
+    return isinstance(history, dict) and all(
+        isinstance(history.get(k), list) and all(isinstance(v, (int, float)) for v in history[k])
+        for k in _HISTORY_KEYS
+    )
+
+
+def _load(
+    config: dict[str, Any], data: MnistArrays, directory: Path, key: str
+) -> TrainedModel | None:
+    """The cached model for ``config``, or ``None`` if the entry is absent, stale or corrupt."""
+    weights = directory / f"{key}.weights.h5"
+    try:
+        record = json.loads((directory / f"{key}.json").read_text())
+        if (
+            not isinstance(record, dict)
+            or record.get("config") != config
+            or not _valid_history(record.get("history"))
+            or not isinstance(record.get("test_accuracy"), (int, float))
+            or record.get("weights_sha256") != _file_sha256(weights)
+        ):
+            return None
+        model = build_mlp(
+            tuple(config["hidden"]),
+            config["dropout_rate"],
+            input_shape=tuple(config["input_shape"]),
+            seed=config["seed"],
+            learning_rate=config["learning_rate"],
+        )
+        model.load_weights(weights)
+    except Exception:  # missing or unreadable files, bad JSON, incompatible weights, ...
+        return None
+    (_, _), (x_test, y_test) = data
+    accuracy = _accuracy(model, x_test, y_test)
+    if abs(accuracy - float(record["test_accuracy"])) > _ACCURACY_TOLERANCE:
+        return None
+    return TrainedModel(
+        model=model,
+        history={k: [float(v) for v in record["history"][k]] for k in _HISTORY_KEYS},
+        test_accuracy=accuracy,
+        config=config,
+        from_cache=True,
+        train_seconds=float(record.get("train_seconds", 0.0)),
+        cache_key=key,
+    )
+
+
+def train_mlp(
+    hidden: Sequence[int] = DEFAULT_HIDDEN,
+    dropout_rate: float = 0.0,
+    *,
+    seed: int = 0,
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    lr_schedule: str = DEFAULT_LR_SCHEDULE,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    data: MnistArrays | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    verbose: int = 0,
+) -> TrainedModel:
+    """Train :func:`build_mlp` on MNIST (or load the identical result from the cache).
+
+    Training is deterministic for a given ``seed``: :func:`~helpers.runtime.set_determinism` is
+    called before building and fitting, so a retrained model has exactly the weights of the
+    cached one. The network trains on all training images for a fixed ``epochs`` with Adam
+    (decoupled ``weight_decay`` on the kernels, not the biases; the learning rate decays from
+    ``learning_rate`` to zero along a cosine when ``lr_schedule="cosine"``). The test images are
+    passed as ``validation_data`` purely to record learning curves; nothing is selected on them.
+
+    With the defaults (30 epochs, batch 128, Adam from 2e-3 with cosine decay, weight decay
+    0.05) the dense network reaches 97.89%, 97.79% and 97.88% test accuracy for seeds 0, 1, 2
+    (the 2016 original reached 96.9%; with ``dropout_rate=0.2``, 97.45%), each in about 35
+    seconds on two CPU cores (TensorFlow 2.21, Keras 3.15).
+
+    Args:
+        hidden, dropout_rate: the architecture, as in :func:`build_mlp`.
+        seed: seeds the initial weights, the shuffling and dropout.
+        epochs, batch_size, learning_rate, lr_schedule, weight_decay: the training schedule.
+        data: ``((x_train, y_train), (x_test, y_test))``; defaults to :func:`load_mnist`.
+        cache_dir: where trained weights are kept; defaults to ``$OBD_CACHE_DIR`` or
+            ``<repo>/.cache/models``.
+        use_cache: ``False`` trains from scratch and neither reads nor writes the cache.
+        verbose: passed to ``model.fit`` (0 is silent).
+
+    The cache entry ``<key>.weights.h5`` + ``<key>.json`` is keyed by a hash of the full
+    configuration (arguments, Keras/TensorFlow versions, a digest of the data). An entry that is
+    incomplete, unreadable, fails its SHA-256, records another configuration, or whose weights do
+    not reproduce the recorded test accuracy is retrained and overwritten.
+
+    Returns:
+        A :class:`TrainedModel`; its model is compiled with a fresh Adam(``learning_rate``).
+    """
+    data = _check_data(load_mnist() if data is None else data)
+    config = _training_config(
+        _check_hidden(hidden),
+        _check_rate(dropout_rate, "dropout_rate"),
+        _check_seed(seed),
+        _positive_int(epochs, "epochs"),
+        _positive_int(batch_size, "batch_size"),
+        _check_positive_float(learning_rate, "learning_rate"),
+        _check_schedule(lr_schedule),
+        _check_weight_decay(weight_decay),
+        data,
+    )
+    if not use_cache:
+        return _fit(config, data, verbose)
+    directory = _resolve_cache_dir(cache_dir)
+    key = _cache_key(config)
+    cached = _load(config, data, directory, key)
+    if cached is not None:
+        return cached
+    trained = _fit(config, data, verbose)
+    _save(trained, directory, key)
+    trained.cache_key = key
+    return trained
+
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CACHE_DIR",
+    "DEFAULT_EPOCHS",
+    "DEFAULT_HIDDEN",
+    "DEFAULT_LEARNING_RATE",
+    "DEFAULT_LR_SCHEDULE",
+    "DEFAULT_WEIGHT_DECAY",
+    "LR_SCHEDULES",
+    "TrainedModel",
+    "build_mlp",
+    "train_mlp",
+]
