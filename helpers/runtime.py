@@ -21,10 +21,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 @contextlib.contextmanager
 def _stderr_silenced() -> Iterator[None]:
     """Point file descriptor 2 at /dev/null for the duration of the block (C++ logs included)."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # e.g. a Jupyter stream without a real fd
-        fd = 2
+    # Always the C-level descriptor 2, where TensorFlow's C++ logger writes: in a Jupyter kernel
+    # sys.stderr.fileno() may be a copy of it, while ipykernel forwards fd 2 into the cell output.
+    fd = 2
     sys.stderr.flush()
     saved = os.dup(fd)
     devnull = os.open(os.devnull, os.O_WRONLY)
