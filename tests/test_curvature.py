@@ -423,3 +423,35 @@ def test_loss_is_read_from_the_model_or_required() -> None:
     model.compile(loss="sparse_categorical_crossentropy")  # from_logits=False, but no softmax layer
     with pytest.raises(ValueError, match="from_logits=False does not match"):
         second_derivatives(model, np.zeros((2, 4)), np.zeros(2, int), method="exact")
+
+
+def test_hessian_block_matches_diagonal_and_is_symmetric(classification_data) -> None:
+    from helpers.curvature import hessian_block
+
+    x, y = classification_data
+    model = make_mlp(hidden=(6, 5))
+    paths = [layer.kernel.path for layer in model.layers[1:]]
+    block = hessian_block(model, x, y, paths=paths, batch_size=16, chunk_size=7)
+    assert block.shape == (30 + 20, 30 + 20)
+    np.testing.assert_allclose(block, block.T, atol=1e-14)
+    exact = second_derivatives(model, x, y, method="exact")
+    np.testing.assert_allclose(
+        np.diag(block), np.concatenate([exact[p].ravel() for p in paths]), rtol=1e-12
+    )
+    # ReLU: the cross-layer block is not the Gauss-Newton one, so it has non-zero entries
+    assert np.abs(block[:30, 30:]).max() > 1e-3
+    # a single entry by hand: central difference of the gradient
+    path = paths[0]
+    kernel = model.layers[1].kernel
+    w = kernel.numpy()
+    eps = 1e-6
+    grads = []
+    for sign in (1, -1):
+        shifted = w.copy()
+        shifted[0, 0] += sign * eps
+        kernel.assign(shifted)
+        grads.append(gradients(model, x, y)[paths[1]].ravel()[3])
+    kernel.assign(w)
+    assert block[0, 30 + 3] == pytest.approx((grads[0] - grads[1]) / (2 * eps), rel=1e-6)
+    with pytest.raises(ValueError, match="paths must be distinct prunable kernels"):
+        hessian_block(model, x, y, paths=[path, path])
