@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -111,7 +111,7 @@ def saliency_scores(seed: int, saliency: Saliency, dropout_rate: float = 0.0) ->
 
 
 def pruning_curves(
-    saliency: Saliency,
+    saliency: Saliency | Callable[[int, float], Scores],
     scope: Scope = "global",
     *,
     seeds: Sequence[int] = DEFAULT_SEEDS,
@@ -119,7 +119,13 @@ def pruning_curves(
     fractions: Sequence[float] | np.ndarray | None = None,
     label: str | None = None,
 ) -> Curves:
-    """Prune each seed's trained network by ``saliency`` at every fraction; test accuracy."""
+    """Prune each seed's trained network by ``saliency`` at every fraction; test accuracy.
+
+    ``saliency`` names one of :data:`SALIENCIES`, or is a function ``(seed, dropout_rate) ->
+    scores`` for any other ranking (then give a ``label``).
+    """
+    if callable(saliency) and label is None:
+        raise ValueError("give a label for a custom saliency function")
     _, (x_test, y_test) = load_mnist()
     fractions = (
         default_fractions() if fractions is None else np.asarray(fractions, dtype=np.float64)
@@ -131,7 +137,9 @@ def pruning_curves(
             _evaluators[id(model)] = Evaluator(model, x_test, y_test)
         result = sweep(
             model,
-            saliency_scores(seed, saliency, dropout_rate),
+            saliency(seed, dropout_rate)
+            if callable(saliency)
+            else saliency_scores(seed, saliency, dropout_rate),
             x_test,
             y_test,
             fractions=fractions,

@@ -44,9 +44,32 @@ def test_pruning_curves_equal_direct_sweeps(monkeypatch) -> None:
     curves = experiments.pruning_curves("magnitude", "layer", seeds=(3, 4), fractions=fractions)
     assert curves.accuracy.shape == (2, 3) and curves.label == "magnitude, layer-wise"
     for row, seed in zip(curves.accuracy, (3, 4), strict=True):
-        direct = sweep(models[seed], magnitude(models[seed]), *small[1], fractions=fractions, scope="layer")
+        direct = sweep(
+            models[seed], magnitude(models[seed]), *small[1], fractions=fractions, scope="layer"
+        )
         np.testing.assert_array_equal(row, direct.accuracy)
     obd = experiments.pruning_curves("obd", seeds=(3,), fractions=fractions)
     assert obd.label == "obd, all-layer" and obd.accuracy.shape == (1, 3)
     with pytest.raises(ValueError, match="saliency must be one of"):
         experiments.saliency_scores(3, "random")  # type: ignore[arg-type]
+
+
+def test_custom_saliency_function(monkeypatch) -> None:
+    (x_train, y_train), (x_test, y_test) = load_mnist()
+    small = ((x_train[:200], y_train[:200]), (x_test[:200], y_test[:200]))
+    model = build_mlp(hidden=(8,), seed=5)
+    monkeypatch.setattr(experiments, "load_mnist", lambda: small)
+    monkeypatch.setattr(experiments, "trained_model", lambda seed, dropout_rate=0.0: model)
+
+    def signed(seed: int, rate: float) -> dict[str, np.ndarray]:
+        return {
+            layer.kernel.path: layer.kernel.numpy()
+            for layer in model.layers
+            if hasattr(layer, "kernel")
+        }
+
+    curves = experiments.pruning_curves(signed, seeds=(5,), fractions=[0.0, 0.5], label="signed")
+    direct = sweep(model, signed(5, 0.0), *small[1], fractions=[0.0, 0.5])
+    np.testing.assert_array_equal(curves.accuracy[0], direct.accuracy)
+    with pytest.raises(ValueError, match="give a label"):
+        experiments.pruning_curves(signed, seeds=(5,))
