@@ -50,6 +50,7 @@ from typing import Literal
 
 import numpy as np
 
+from helpers.distribute import sum_over_batches
 from helpers.inputs import Data, batches, label_spec, progress_bar
 from helpers.losses import LossName, output_boundary, per_sample_loss, resolve_loss
 from helpers.network import Chain, as_chain, check_finite_weights
@@ -274,23 +275,17 @@ def _autodiff_function(chain: Chain, layer_index: int, loss: LossName) -> Callab
 
 
 def _accumulate(
-    chain: Chain, batches: Iterator[tuple[tf.Tensor, tf.Tensor]], fn: Callable
+    chain: Chain,
+    batches: Iterator[tuple[tf.Tensor, tf.Tensor]],
+    fn: Callable,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tuple[list[tf.Tensor], int]:
-    totals: list[tf.Tensor] | None = None
-    n = 0
-    for xb, yb in batches:
-        if xb.shape[0] == 0:
-            continue
-        parts = fn(xb, yb)
-        totals = (
-            list(parts) if totals is None else [t + p for t, p in zip(totals, parts, strict=True)]
-        )
-        n += int(xb.shape[0])
-    if totals is None:
-        raise ValueError(
-            "the data is empty: second derivatives of a mean over zero samples are undefined"
-        )
-    return totals, n
+    return sum_over_batches(
+        batches,
+        fn,
+        strategy,
+        empty_message="the data is empty: second derivatives of a mean over zero samples are undefined",
+    )
 
 
 def _prepare(model: keras.Model, loss: str | None) -> tuple[Chain, LossName]:
@@ -309,6 +304,7 @@ def second_derivatives(
     batch_size: int = DEFAULT_BATCH_SIZE,
     loss: LossName | None = None,
     progress: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> dict[str, np.ndarray]:
     """Diagonal second derivatives of the mean loss over ``(x, y)`` for every kernel weight.
 
@@ -321,6 +317,8 @@ def second_derivatives(
         batch_size: samples per batch for array inputs (memory grows with it, not with ``N``).
         loss: ``"softmax_cross_entropy"`` or ``"mse"``; ``None`` reads it from the compiled model.
         progress: show a progress bar over batches.
+        strategy: a ``tf.distribute`` strategy (e.g. ``MirroredStrategy``); each batch is split
+            across its replicas and the per-replica sums are reduced (:mod:`helpers.distribute`).
 
     Returns:
         ``{kernel.path: array of the kernel's shape}`` with
@@ -339,12 +337,13 @@ def second_derivatives(
                 batch_size=batch_size,
                 loss=loss_name,
                 progress=progress,
+                strategy=strategy,
             ).reshape(tuple(step.kernel.shape))
             for step in chain.steps
         }
     data, count = batches(chain, x, y, loss_name, batch_size)
     fn = _batch_function(chain, method, loss_name)
-    totals, n = _accumulate(chain, progress_bar(data, count, progress, method), fn)
+    totals, n = _accumulate(chain, progress_bar(data, count, progress, method), fn, strategy)
     return {step.path: (t / n).numpy() for step, t in zip(chain.steps, totals, strict=True)}
 
 
@@ -356,13 +355,14 @@ def gradients(
     batch_size: int = DEFAULT_BATCH_SIZE,
     loss: LossName | None = None,
     progress: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> dict[str, np.ndarray]:
     """Gradient of the mean loss with respect to every kernel: a plain, compiled gradient pass
     through the Keras model (``tf.GradientTape``), batched like :func:`second_derivatives`."""
     chain, loss_name = _prepare(model, loss)
     data, count = batches(chain, x, y, loss_name, batch_size)
     fn = _batch_function(chain, "gradient", loss_name)
-    totals, n = _accumulate(chain, progress_bar(data, count, progress, "gradient"), fn)
+    totals, n = _accumulate(chain, progress_bar(data, count, progress, "gradient"), fn, strategy)
     return {step.path: (t / n).numpy() for step, t in zip(chain.steps, totals, strict=True)}
 
 
@@ -377,6 +377,7 @@ def autodiff_entries(
     chunk_size: int = AUTODIFF_CHUNK,
     loss: LossName | None = None,
     progress: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> np.ndarray:
     """Brute-force :math:`\\partial^2\\bar\\ell/\\partial w^2` by double differentiation, for the
     weights of kernel ``path`` at flat ``indices`` (all of them by default), ``chunk_size``
@@ -408,6 +409,7 @@ def autodiff_entries(
         chain,
         progress_bar(data, count, progress, "autodiff"),
         lambda xb, yb: [fn(xb, yb, c) for c in chunks],
+        strategy,
     )
     return (tf.concat(totals, axis=0) / n).numpy()
 

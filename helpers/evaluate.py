@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from helpers.distribute import sum_over_batches
 from helpers.inputs import batches, label_spec
 from helpers.losses import per_sample_loss, resolve_loss
 from helpers.network import as_chain
@@ -38,6 +39,7 @@ class Evaluator:
         y: np.ndarray,
         *,
         batch_size: int = DEFAULT_EVAL_BATCH,
+        strategy: tf.distribute.Strategy | None = None,
     ):
         chain = as_chain(model)
         loss = resolve_loss(model)
@@ -47,24 +49,23 @@ class Evaluator:
             )
         data, _ = batches(chain, x, y, loss, batch_size)
         self.model = model
+        self.strategy = strategy
         self._batches = list(data)
         self._n = int(np.asarray(y).shape[0])
         from_logits = chain.steps[-1].activation != "softmax"
         specs = [tf.TensorSpec((None, *chain.input_shape), chain.dtype), label_spec(chain, loss)]
 
-        def totals(xb: tf.Tensor, yb: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def totals(xb: tf.Tensor, yb: tf.Tensor) -> list[tf.Tensor]:
             output = model(xb, training=False)
             correct = tf.equal(tf.argmax(output, axis=-1, output_type=yb.dtype), yb)
             loss_sum = tf.reduce_sum(per_sample_loss(output, yb, loss, from_logits=from_logits))
-            return loss_sum, tf.reduce_sum(tf.cast(correct, tf.int32))
+            return [loss_sum, tf.reduce_sum(tf.cast(correct, tf.int32))]
 
         self._fn: Callable = tf.function(totals, input_signature=specs)
 
     def __call__(self) -> Evaluation:
-        parts = [self._fn(xb, yb) for xb, yb in self._batches]
-        loss_sum = float(tf.add_n([p[0] for p in parts]))
-        correct = int(tf.add_n([p[1] for p in parts]))
-        return Evaluation(loss=loss_sum / self._n, accuracy=correct / self._n)
+        (loss_sum, correct), _ = sum_over_batches(self._batches, self._fn, self.strategy)
+        return Evaluation(loss=float(loss_sum) / self._n, accuracy=int(correct) / self._n)
 
     @property
     def tracing_count(self) -> int:

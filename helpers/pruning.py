@@ -26,7 +26,7 @@ import numpy as np
 
 from helpers.evaluate import DEFAULT_EVAL_BATCH, Evaluator
 from helpers.network import prunable_kernels
-from helpers.runtime import keras
+from helpers.runtime import keras, tf
 from helpers.saliency import Scores, check_scores
 
 Scope = Literal["global", "layer"]
@@ -188,12 +188,14 @@ def sweep(
     scope: Scope = "global",
     batch_size: int = DEFAULT_EVAL_BATCH,
     evaluator: Evaluator | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> SweepResult:
     """Prune ``model`` by ``scores`` at each fraction, evaluate on ``(x, y)``, then restore it.
 
     The ranking is computed once and the evaluation function is traced once, so a 101-point
     sweep of the MNIST network over the 10,000 test images takes seconds. Pass an
-    ``evaluator`` built for the same model and data to reuse it across sweeps.
+    ``evaluator`` built for the same model and data to reuse it across sweeps. With a
+    ``strategy`` the evaluation batches are split across its replicas.
     """
     _check_scope(scope)
     checked = check_scores(model, scores)
@@ -207,7 +209,7 @@ def sweep(
     for f in fractions:
         check_fraction(f)
     if evaluator is None:
-        evaluator = Evaluator(model, x, y, batch_size=batch_size)
+        evaluator = Evaluator(model, x, y, batch_size=batch_size, strategy=strategy)
     elif evaluator.model is not model:
         raise ValueError("the evaluator was built for a different model")
     ranks = removal_ranks(checked, scope)

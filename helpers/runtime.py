@@ -42,6 +42,14 @@ with _stderr_silenced():
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
+    # OBD_LOGICAL_CPUS=N splits the CPU into N logical devices (to test tf.distribute code
+    # paths on one machine); it must happen before the devices are initialised.
+    _logical_cpus = int(os.environ.get("OBD_LOGICAL_CPUS", "0") or 0)
+    if _logical_cpus > 1:
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0],
+            [tf.config.LogicalDeviceConfiguration() for _ in range(_logical_cpus)],
+        )
     # Initialise the devices now, still silenced: the CUDA probe logs an error on CPU-only hosts.
     tf.config.list_logical_devices()
 
