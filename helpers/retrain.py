@@ -1,0 +1,470 @@
+"""Masked retraining: fine-tune a pruned network with its pruned weights held at exactly zero.
+
+:func:`masked_fit` trains a model whose kernels carry keep-masks (the format of
+:mod:`helpers.pruning`: ``{kernel path: bool array}``, ``True`` = kept). It uses a **fresh** Adam
+optimizer, so both moment estimates start at zero, and multiplies every kernel gradient by its
+mask before the update. A pruned entry therefore has gradient 0, first moment
+:math:`m = \\beta_1 m + (1-\\beta_1)\\cdot 0 = 0` and second moment :math:`v = 0` at every step,
+and its Adam update :math:`m / (\\sqrt v + \\epsilon)` is exactly 0: the weight never moves off
+zero. After each step the masks are also multiplied into the kernels (belt and braces). Biases
+are never pruned and train normally; dropout layers are active during training.
+
+:func:`iterative_prune` alternates pruning and masked retraining along an increasing schedule
+of fractions removed. Each round scores the **current** (pruned, retrained) model and removes the
+lowest-scored of the still-kept weights, so weights pruned in earlier rounds stay pruned and the
+cumulative number removed after a round is exactly ``round(fraction * n)``, as in
+:func:`helpers.pruning.masks_from_scores`. One-shot pruning with a single retraining is the
+one-element schedule with the whole epoch budget::
+
+    one_shot = iterative_prune(model, x, y, schedule=[0.9], epochs_per_round=6, saliency=...)
+    iterative = iterative_prune(model, x, y, schedule=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99],
+                                epochs_per_round=1, saliency=...)   # same budget: 6 epochs
+
+:func:`obd_saliency` and :func:`magnitude_saliency` make the ``saliency`` callables.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import operator
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from helpers.curvature import Method, second_derivatives
+from helpers.evaluate import Evaluator
+from helpers.inputs import _check_arrays, label_spec
+from helpers.losses import per_sample_loss, resolve_loss
+from helpers.network import Chain, as_chain, prunable_kernels
+from helpers.pruning import Masks, Scope, _check_scope, apply_masks, check_fraction, removal_count
+from helpers.runtime import keras, set_determinism, tf
+from helpers.saliency import Scores, check_scores, magnitude, obd
+
+#: ``on_step(step, optimizer)``: called after every optimizer step (``step`` counts from 0 over
+#: all epochs), with the optimizer so that its moment variables can be inspected.
+StepCallback = Callable[[int, keras.optimizers.Optimizer], None]
+#: A saliency function: the scores of every kernel weight of a model (lower = pruned sooner).
+Saliency = Callable[[keras.Model], Scores]
+
+#: A compiled training step: ``(order, start) -> (loss sum, correct count)`` of one mini-batch.
+StepFn = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+#: One epoch: ``order -> (loss sum, correct count)`` over all samples, visited in ``order``.
+EpochFn = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_LEARNING_RATE = 1e-3
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _non_negative_int(value: object, name: str) -> int:
+    """``value`` as an int, if it is an integer (not a bool) >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return operator.index(value)
+
+
+def _positive_int(value: object, name: str) -> int:
+    """``value`` as an int, if it is an integer (not a bool) > 0."""
+    if _non_negative_int(value, name) == 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return operator.index(value)
+
+
+def _positive_float(value: object, name: str) -> float:
+    """``value`` as a finite float > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return number
+
+
+def check_schedule(schedule: Sequence[float]) -> list[float]:
+    """``schedule`` as a list of floats, or ``ValueError`` unless it is a non-empty, strictly
+    increasing sequence of fractions in [0, 1]."""
+    if isinstance(schedule, (str, bytes)) or not isinstance(schedule, (Sequence, np.ndarray)):
+        raise ValueError(f"schedule must be a sequence of fractions in [0, 1], got {schedule!r}")
+    fractions = [check_fraction(f) for f in schedule]
+    if not fractions:
+        raise ValueError("schedule is empty: give at least one fraction to remove")
+    for i in range(1, len(fractions)):
+        if fractions[i] <= fractions[i - 1]:
+            raise ValueError(
+                f"schedule must be strictly increasing, got {fractions[i - 1]} then "
+                f"{fractions[i]} at positions {i - 1} and {i}"
+            )
+    return fractions
+
+
+def _check_classifier(model: keras.Model) -> Chain:
+    """The model's chain, if it is a supported network retrainable with cross-entropy."""
+    chain = as_chain(model)
+    resolve_loss(model, "softmax_cross_entropy")  # checks the last layer is logits or softmax
+    return chain
+
+
+# --------------------------------------------------------------------------- masked training
+
+
+def _mask_tensors(variables: Sequence[keras.Variable], masks: Masks) -> list[tf.Tensor | None]:
+    """For each trainable variable, its mask as a 0/1 tensor of its dtype (``None``: not masked)."""
+    return [
+        tf.constant(masks[v.path], dtype=v.dtype) if v.path in masks else None for v in variables
+    ]
+
+
+def _train_step(
+    model: keras.Model,
+    chain: Chain,
+    optimizer: keras.optimizers.Optimizer,
+    x: tf.Tensor,
+    y: tf.Tensor,
+    batch_size: int,
+    masks: Masks,
+) -> StepFn:
+    """A compiled step ``(order, start) -> (loss sum, correct count)`` on the batch
+    ``order[start : start + batch_size]`` of ``(x, y)``, traced once."""
+    variables = list(model.trainable_variables)
+    mask_tensors = _mask_tensors(variables, masks)
+    from_logits = chain.steps[-1].activation != "softmax"
+
+    def step(order: tf.Tensor, start: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        indices = order[start : start + batch_size]
+        xb, yb = tf.gather(x, indices), tf.gather(y, indices)
+        with tf.GradientTape() as tape:
+            output = model(xb, training=True)
+            per_sample = per_sample_loss(output, yb, "softmax_cross_entropy", from_logits)
+            loss = tf.reduce_mean(per_sample)
+            if model.losses:  # regularisers, if the model has any
+                loss = loss + tf.add_n(model.losses)
+        grads = tape.gradient(loss, variables)
+        grads = [g if m is None else g * m for g, m in zip(grads, mask_tensors, strict=True)]
+        optimizer.apply(grads, variables)
+        for variable, mask in zip(variables, mask_tensors, strict=True):
+            if mask is not None:
+                variable.assign(variable * mask)
+        correct = tf.equal(tf.argmax(output, axis=-1, output_type=yb.dtype), yb)
+        return tf.reduce_sum(per_sample), tf.reduce_sum(tf.cast(correct, tf.int32))
+
+    signature = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)]
+    return tf.function(step, input_signature=signature)
+
+
+def _compiled_epoch(step: StepFn, n: int, batch_size: int, dtype: str) -> EpochFn:
+    """One pass over the data in a given order as a single graph (a loop over the steps, without
+    a return to Python between them), traced once: about twice as fast as calling ``step`` from
+    Python for the MNIST network."""
+
+    def epoch(order: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        loss_sum, correct = tf.zeros([], dtype=dtype), tf.zeros([], dtype=tf.int32)
+        for start in tf.range(0, n, batch_size):
+            batch_loss, batch_correct = step(order, start)
+            loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
+        return loss_sum, correct
+
+    return tf.function(epoch, input_signature=[tf.TensorSpec([n], tf.int32)])
+
+
+def _observed_epoch(
+    step: StepFn,
+    n: int,
+    batch_size: int,
+    dtype: str,
+    optimizer: keras.optimizers.Optimizer,
+    on_step: StepCallback,
+) -> EpochFn:
+    """The same pass, calling ``step`` from Python and ``on_step`` after each step."""
+    count = 0
+
+    def epoch(order: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        nonlocal count
+        loss_sum, correct = tf.zeros([], dtype=dtype), tf.zeros([], dtype=tf.int32)
+        for start in range(0, n, batch_size):
+            batch_loss, batch_correct = step(order, tf.constant(start, dtype=tf.int32))
+            loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
+            on_step(count, optimizer)
+            count += 1
+        return loss_sum, correct
+
+    return epoch
+
+
+def masked_fit(
+    model: keras.Model,
+    masks: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    seed: int = 0,
+    verbose: int = 0,
+    validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+    on_step: StepCallback | None = None,
+) -> dict[str, list[float]]:
+    """Train ``model`` in place with its pruned kernel weights held at exactly zero.
+
+    The masks are validated as :func:`helpers.pruning.apply_masks` does (same paths and shapes as
+    the model's kernels, boolean or 0/1) and applied first, so pruned weights are zero from the
+    start. Training runs Adam(``learning_rate``) -- a fresh optimizer, moments at zero, no weight
+    decay -- on the mean softmax cross-entropy of each mini-batch, with gradients of pruned
+    entries zeroed before every update (module docstring). Each epoch visits the ``N`` samples
+    once in an order drawn from ``np.random.default_rng(seed)``; :func:`set_determinism` is
+    called with ``seed``, so the same call on the same model gives the same weights.
+
+    Args:
+        model: a supported classifier (see :mod:`helpers.network`) whose last layer gives logits
+            (or applies softmax); its compiled optimizer is not used.
+        masks: ``{kernel path: array}``, ``True``/1 where the weight is kept.
+        x, y: training images ``(N, *input_shape)`` and integer labels ``(N,)``.
+        epochs: passes over the data (0 only applies the masks).
+        batch_size, learning_rate, seed: the schedule.
+        verbose: 1 prints one line per epoch (0 is silent).
+        validation_data: ``(x_val, y_val)`` evaluated in inference mode after every epoch.
+        on_step: called as ``on_step(step, optimizer)`` after every optimizer step. Without it
+            each epoch runs as one compiled loop; with it the same compiled step is called from
+            Python (slower, same updates).
+
+    Returns:
+        Per-epoch lists ``loss`` and ``accuracy`` (means over the epoch's mini-batches, in
+        training mode, as Keras reports them) and, with ``validation_data``, ``val_loss`` and
+        ``val_accuracy``.
+    """
+    chain = _check_classifier(model)
+    epochs = _non_negative_int(epochs, "epochs")
+    batch_size = _positive_int(batch_size, "batch_size")
+    learning_rate = _positive_float(learning_rate, "learning_rate")
+    seed = _non_negative_int(seed, "seed")
+    apply_masks(model, masks)  # validates the masks and zeroes the pruned weights
+    kept = {p: np.asarray(masks[p]).astype(bool) for p in prunable_kernels(model)}
+    xa, ya = _check_arrays(chain, x, y, "softmax_cross_entropy")
+    evaluator = None if validation_data is None else Evaluator(model, *validation_data)
+
+    set_determinism(seed)
+    rng = np.random.default_rng(seed)
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    optimizer.build(model.trainable_variables)
+    x_all = tf.constant(xa, dtype=chain.dtype)
+    y_all = tf.constant(ya, dtype=label_spec(chain, "softmax_cross_entropy").dtype)
+    step = _train_step(model, chain, optimizer, x_all, y_all, batch_size, kept)
+    n = int(xa.shape[0])
+    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    if evaluator is not None:
+        history.update(val_loss=[], val_accuracy=[])
+    run_epoch = (
+        _compiled_epoch(step, n, batch_size, chain.dtype)
+        if on_step is None
+        else _observed_epoch(step, n, batch_size, chain.dtype, optimizer, on_step)
+    )
+    for epoch in range(epochs):
+        loss_sum, correct = run_epoch(tf.constant(rng.permutation(n), dtype=tf.int32))
+        history["loss"].append(float(loss_sum) / n)
+        history["accuracy"].append(int(correct) / n)
+        if evaluator is not None:
+            result = evaluator()
+            history["val_loss"].append(result.loss)
+            history["val_accuracy"].append(result.accuracy)
+        if verbose:
+            summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in history.items())
+            print(f"epoch {epoch + 1}/{epochs}: {summary}")
+    return history
+
+
+# --------------------------------------------------------------------------- iterative pruning
+
+
+@dataclass
+class RoundResult:
+    """One round of :func:`iterative_prune`.
+
+    Attributes:
+        fraction: the cumulative fraction of kernel weights removed after this round.
+        removed: the cumulative number removed (``round(fraction * n)``; per kernel with
+            ``scope="layer"``, summed).
+        accuracy_before_retraining: test accuracy right after pruning (``None`` without test data).
+        accuracy_after: test accuracy after the round's retraining (``None`` without test data).
+        masks: the keep-masks after this round (copies).
+        seconds: wall-clock time of the round (scoring, pruning, retraining, evaluation).
+        history: the round's :func:`masked_fit` history.
+    """
+
+    fraction: float
+    removed: int
+    accuracy_before_retraining: float | None
+    accuracy_after: float | None
+    masks: Masks
+    seconds: float
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _lowest_kept(scores: np.ndarray, kept: np.ndarray, count: int) -> np.ndarray:
+    """Flat indices of the ``count`` lowest-scored kept entries (ties: lower index first)."""
+    candidates = np.flatnonzero(kept)
+    order = np.argsort(scores[candidates], kind="stable")
+    return candidates[order[:count]]
+
+
+def shrink_masks(
+    scores: Mapping[str, np.ndarray],
+    masks: Mapping[str, np.ndarray],
+    fraction: float,
+    *,
+    scope: Scope = "global",
+) -> Masks:
+    """New keep-masks that remove, among the weights ``masks`` still keeps, the lowest-scored
+    ones until exactly ``round(fraction * n)`` weights are removed in all (``n`` counted over all
+    kernels with ``scope="global"``, per kernel with ``"layer"``). Pruned weights stay pruned.
+
+    Raises:
+        ValueError: ``masks`` already remove more than ``fraction`` asks for.
+    """
+    _check_scope(scope)
+    fraction = check_fraction(fraction)
+    paths = list(masks)
+    if set(scores) != set(paths):
+        raise ValueError(
+            f"scores and masks name different kernels: {sorted(scores)} vs {sorted(paths)}"
+        )
+    keep = {p: np.asarray(masks[p], dtype=bool) for p in paths}
+    values = {p: np.asarray(scores[p], dtype=np.float64) for p in paths}
+    for p in paths:
+        if values[p].shape != keep[p].shape:
+            raise ValueError(
+                f"scores[{p!r}] has shape {values[p].shape}; the mask has shape {keep[p].shape}"
+            )
+    groups = [[p] for p in paths] if scope == "layer" else [paths]
+    out: Masks = {}
+    for group in groups:
+        flat_keep = np.concatenate([keep[p].reshape(-1) for p in group])
+        flat_scores = np.concatenate([values[p].reshape(-1) for p in group])
+        target = removal_count(fraction, flat_keep.size)
+        already = int(flat_keep.size - np.count_nonzero(flat_keep))
+        if already > target:
+            where = "in total" if scope == "global" else f"in {group[0]!r}"
+            raise ValueError(
+                f"the masks already remove {already} weights {where}; fraction {fraction} "
+                f"removes only {target}"
+            )
+        flat_keep[_lowest_kept(flat_scores, flat_keep, target - already)] = False
+        start = 0
+        for p in group:
+            out[p] = flat_keep[start : start + keep[p].size].reshape(keep[p].shape)
+            start += keep[p].size
+    return out
+
+
+def iterative_prune(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    schedule: Sequence[float],
+    saliency: Saliency,
+    epochs_per_round: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    seed: int = 0,
+    x_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
+    scope: Scope = "global",
+) -> list[RoundResult]:
+    """Prune ``model`` (in place) to each fraction of ``schedule`` in turn, retraining after each.
+
+    Round ``r`` computes ``saliency(model)`` on the current pruned and retrained model, removes
+    the lowest-scored still-kept weights so that ``round(schedule[r] * n)`` are removed in all
+    (:func:`shrink_masks`), applies the masks and runs :func:`masked_fit` for
+    ``epochs_per_round`` epochs (0: no retraining) with seed ``seed + r`` and a fresh Adam. The
+    model starts with every weight kept. One-shot pruning with one retraining is
+    ``schedule=[fraction]`` with the whole epoch budget (module docstring).
+
+    Args:
+        model: a supported classifier; left pruned and retrained after the last round.
+        x, y: training data for retraining (and for the saliency, if it uses them).
+        schedule: strictly increasing cumulative fractions removed, each in [0, 1].
+        saliency: ``model -> scores`` (:func:`obd_saliency`, :func:`magnitude_saliency`).
+        epochs_per_round, batch_size, learning_rate, seed: retraining, as in :func:`masked_fit`.
+        x_test, y_test: if given, test accuracy is measured before and after each retraining.
+        scope: ``"global"`` ranks all kernels together, ``"layer"`` each kernel on its own.
+
+    Returns:
+        One :class:`RoundResult` per fraction of the schedule.
+    """
+    fractions = check_schedule(schedule)
+    _check_scope(scope)
+    epochs_per_round = _non_negative_int(epochs_per_round, "epochs_per_round")
+    seed = _non_negative_int(seed, "seed")
+    if (x_test is None) != (y_test is None):
+        raise ValueError("give both x_test and y_test, or neither")
+    evaluator = None if x_test is None else Evaluator(model, x_test, y_test)
+    masks: Masks = {p: np.ones(k.shape, dtype=bool) for p, k in prunable_kernels(model).items()}
+    results = []
+    for r, fraction in enumerate(fractions):
+        start = time.perf_counter()
+        scores = check_scores(model, saliency(model))
+        masks = shrink_masks(scores, masks, fraction, scope=scope)
+        apply_masks(model, masks)
+        before = None if evaluator is None else evaluator().accuracy
+        history = masked_fit(
+            model,
+            masks,
+            x,
+            y,
+            epochs=epochs_per_round,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            seed=seed + r,
+        )
+        after = None if evaluator is None else evaluator().accuracy
+        results.append(
+            RoundResult(
+                fraction=fraction,
+                removed=sum(int(m.size - np.count_nonzero(m)) for m in masks.values()),
+                accuracy_before_retraining=before,
+                accuracy_after=after,
+                masks=copy.deepcopy(masks),
+                seconds=time.perf_counter() - start,
+                history=history,
+            )
+        )
+    return results
+
+
+# --------------------------------------------------------------------------- saliencies
+
+
+def obd_saliency(x: np.ndarray, y: np.ndarray, method: Method = "exact") -> Saliency:
+    """``model -> obd(model, second_derivatives(model, x, y, method=method))``: the OBD
+    saliency with second derivatives recomputed on the model as it is when called."""
+
+    def score(model: keras.Model) -> Scores:
+        return obd(model, second_derivatives(model, x, y, method=method))
+
+    return score
+
+
+def magnitude_saliency() -> Saliency:
+    """``model -> |w|`` (:func:`helpers.saliency.magnitude`)."""
+    return magnitude
+
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_LEARNING_RATE",
+    "RoundResult",
+    "Saliency",
+    "StepCallback",
+    "check_schedule",
+    "iterative_prune",
+    "magnitude_saliency",
+    "masked_fit",
+    "obd_saliency",
+    "shrink_masks",
+]

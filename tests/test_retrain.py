@@ -1,0 +1,313 @@
+"""Masked retraining and iterative pruning: pruned weights never revive, counts are exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers.data import load_mnist
+from helpers.models import build_mlp
+from helpers.pruning import apply_masks, masks_from_scores, removal_count
+from helpers.retrain import (
+    check_schedule,
+    iterative_prune,
+    magnitude_saliency,
+    masked_fit,
+    obd_saliency,
+    shrink_masks,
+)
+from helpers.runtime import keras
+from helpers.saliency import magnitude
+
+Arrays = tuple[np.ndarray, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def mnist_subset() -> tuple[Arrays, Arrays]:
+    """1,500 training and 500 test images: enough to see the loss fall in a few steps."""
+    (x, y), (x_test, y_test) = load_mnist()
+    return (x[:1500], y[:1500]), (x_test[:500], y_test[:500])
+
+
+def tiny(seed: int = 0, dropout_rate: float = 0.0) -> keras.Sequential:
+    return build_mlp(hidden=(16, 16), dropout_rate=dropout_rate, seed=seed)
+
+
+def kernels(model: keras.Model) -> dict[str, np.ndarray]:
+    return {
+        layer.kernel.path: layer.kernel.numpy().copy()
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Dense)
+    }
+
+
+def biases(model: keras.Model) -> dict[str, np.ndarray]:
+    return {
+        layer.bias.path: layer.bias.numpy().copy()
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Dense)
+    }
+
+
+def moments(optimizer: keras.optimizers.Optimizer, path: str, shape: tuple) -> list[np.ndarray]:
+    """Adam's first and second moment variables of the kernel at ``path``."""
+    prefix = path.replace("/", "_")
+    found = {
+        v.name: v.numpy()
+        for v in optimizer.variables
+        if v.name in (f"{prefix}_momentum", f"{prefix}_velocity") and tuple(v.shape) == shape
+    }
+    assert len(found) == 2, f"Adam moments of {path} not found among {optimizer.variables}"
+    return list(found.values())
+
+
+def half_masks(model: keras.Model) -> dict[str, np.ndarray]:
+    return masks_from_scores(magnitude(model), 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_fit
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pruned_weights_and_their_adam_moments_stay_zero_at_every_step(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    model = tiny()
+    masks = half_masks(model)
+    start_kernels, start_biases = kernels(model), biases(model)
+    steps: list[int] = []
+    nonzero_kept_moments: list[bool] = []
+
+    def check(step: int, optimizer: keras.optimizers.Optimizer) -> None:
+        steps.append(step)
+        for path, weights in kernels(model).items():
+            pruned = ~masks[path]
+            assert np.all(weights[pruned] == 0.0), f"step {step}: {path} revived"
+            for moment in moments(optimizer, path, weights.shape):
+                assert np.all(moment[pruned] == 0.0), f"step {step}: {path} moment non-zero"
+                nonzero_kept_moments.append(bool(np.any(moment[masks[path]] != 0.0)))
+
+    history = masked_fit(
+        model, masks, x, y, epochs=3, batch_size=128, learning_rate=1e-2, on_step=check
+    )
+
+    assert steps == list(range(3 * 12))  # 1,500 images in batches of 128: 12 steps per epoch
+    assert all(nonzero_kept_moments)
+    final = kernels(model)
+    # Weights from pixels that are 0 in every image have zero gradient; all others should move.
+    lit = np.any(x.reshape(len(x), -1) != 0, axis=0)
+    for i, (path, mask) in enumerate(masks.items()):
+        assert np.all(final[path][~mask] == 0.0)
+        live = mask & lit[:, None] if i == 0 else mask
+        changed = final[path][live] != start_kernels[path][live]
+        assert changed.mean() > 0.9, f"{path}: only {changed.mean():.0%} of kept weights moved"
+    for path, bias in biases(model).items():
+        assert np.any(bias != start_biases[path]), f"{path} did not train"
+    assert len(history["loss"]) == len(history["accuracy"]) == 3
+    assert history["loss"][-1] < 0.5 * history["loss"][0], history["loss"]
+    assert history["accuracy"][-1] > history["accuracy"][0]
+
+
+def test_plain_adam_would_revive_pruned_weights(mnist_subset) -> None:
+    """The control for the test above: Keras' own fit moves the zeroed weights at once."""
+    (x, y), _ = mnist_subset
+    model = tiny()
+    masks = half_masks(model)
+    apply_masks(model, masks)
+    model.fit(x, y, epochs=1, batch_size=128, verbose=0)
+    revived = [np.any(kernels(model)[p][~m] != 0.0) for p, m in masks.items()]
+    assert all(revived)
+
+
+def test_masked_fit_reports_validation_and_is_deterministic(mnist_subset) -> None:
+    (x, y), (x_test, y_test) = mnist_subset
+    runs = []
+    for seed in (3, 3, 4):
+        model = tiny(seed=1)
+        history = masked_fit(
+            model, half_masks(model), x, y, epochs=2, seed=seed, validation_data=(x_test, y_test)
+        )
+        runs.append((kernels(model), biases(model), history))
+    (k1, b1, h1), (k2, b2, h2), (k3, _, _) = runs
+    assert set(h1) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert all(len(v) == 2 for v in h1.values())
+    assert 0.0 <= min(h1["val_accuracy"]) <= max(h1["val_accuracy"]) <= 1.0
+    assert h1 == h2
+    for path in k1:
+        np.testing.assert_array_equal(k1[path], k2[path])
+    for path in b1:
+        np.testing.assert_array_equal(b1[path], b2[path])
+    assert any(not np.array_equal(k1[p], k3[p]) for p in k1)  # another seed, another order
+
+
+def test_observing_every_step_does_not_change_the_updates(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    results = []
+    for on_step in (None, lambda step, optimizer: None):
+        model = tiny(seed=2)
+        history = masked_fit(
+            model, half_masks(model), x[:1000], y[:1000], epochs=2, on_step=on_step
+        )
+        results.append((kernels(model), history))
+    (k1, h1), (k2, h2) = results
+    np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-6)
+    assert h1["accuracy"] == h2["accuracy"]
+    for path in k1:
+        np.testing.assert_allclose(k1[path], k2[path], rtol=0, atol=1e-6)
+
+
+def test_masked_fit_with_dropout(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    model = tiny(dropout_rate=0.2)
+    masks = half_masks(model)
+    history = masked_fit(model, masks, x, y, epochs=2)
+    for path, weights in kernels(model).items():
+        assert np.all(weights[~masks[path]] == 0.0)
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_masked_fit_with_zero_epochs_only_applies_the_masks(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    model = tiny()
+    masks = half_masks(model)
+    before = kernels(model)
+    assert masked_fit(model, masks, x, y, epochs=0) == {"loss": [], "accuracy": []}
+    for path, weights in kernels(model).items():
+        np.testing.assert_array_equal(weights, np.where(masks[path], before[path], 0.0))
+
+
+def test_masked_fit_rejects_masks_that_do_not_match(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    model = tiny()
+    other = build_mlp(hidden=(16,), seed=0)
+    with pytest.raises(ValueError, match="masks do not match model 'mlp': missing"):
+        masked_fit(model, half_masks(other), x, y, epochs=1)
+    masks = half_masks(model)
+    first = next(iter(masks))
+    with pytest.raises(ValueError, match=rf"masks\['{first}'\] has shape \(16, 784\)"):
+        masked_fit(model, {**masks, first: masks[first].T}, x, y, epochs=1)
+    with pytest.raises(ValueError, match="must be boolean"):
+        masked_fit(model, {**masks, first: masks[first] * 0.5}, x, y, epochs=1)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        masked_fit(model, masks, x, y, epochs=1, batch_size=0)
+    with pytest.raises(ValueError, match="learning_rate must be a positive number"):
+        masked_fit(model, masks, x, y, epochs=1, learning_rate=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# iterative_prune
+# ---------------------------------------------------------------------------------------------
+
+
+def anti_magnitude(model: keras.Model) -> dict[str, np.ndarray]:
+    """-|w|: ranks the pruned weights (w = 0) *last*, so they would come back if allowed."""
+    return {p: -s for p, s in magnitude(model).items()}
+
+
+def test_iterative_prune_counts_are_exact_and_pruned_weights_stay_pruned(mnist_subset) -> None:
+    (x, y), (x_test, y_test) = mnist_subset
+    model = tiny()
+    n = sum(k.size for k in kernels(model).values())
+    schedule = [0.3, 0.6, 0.9]
+    results = iterative_prune(
+        model,
+        x,
+        y,
+        schedule=schedule,
+        saliency=anti_magnitude,
+        epochs_per_round=1,
+        x_test=x_test,
+        y_test=y_test,
+    )
+    assert [r.fraction for r in results] == schedule
+    assert [r.removed for r in results] == [removal_count(f, n) for f in schedule]
+    previous = {p: np.ones(k.shape, dtype=bool) for p, k in kernels(model).items()}
+    for r in results:
+        assert r.removed == sum(int((~m).sum()) for m in r.masks.values())
+        for path, mask in r.masks.items():
+            assert not np.any(mask & ~previous[path]), f"{path} revived at {r.fraction}"
+        assert 0.0 <= r.accuracy_before_retraining <= 1.0
+        assert 0.0 <= r.accuracy_after <= 1.0
+        assert r.seconds > 0
+        assert len(r.history["loss"]) == 1
+        previous = r.masks
+    for path, weights in kernels(model).items():
+        assert np.all(weights[~results[-1].masks[path]] == 0.0)
+    assert results[0].masks is not results[1].masks
+
+
+def test_iterative_prune_layer_scope_with_obd(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    model = tiny()
+    shapes = {p: k.shape for p, k in kernels(model).items()}
+    results = iterative_prune(
+        model,
+        x,
+        y,
+        schedule=[0.5, 0.75],
+        saliency=obd_saliency(x[:300], y[:300]),
+        epochs_per_round=1,
+        scope="layer",
+    )
+    for r in results:
+        assert r.accuracy_before_retraining is None and r.accuracy_after is None
+        for path, mask in r.masks.items():
+            size = int(np.prod(shapes[path]))
+            assert int((~mask).sum()) == removal_count(r.fraction, size)
+
+
+def test_one_shot_is_a_one_element_schedule(mnist_subset) -> None:
+    (x, y), (x_test, y_test) = mnist_subset
+    model = tiny()
+    n = sum(k.size for k in kernels(model).values())
+    (result,) = iterative_prune(
+        model,
+        x,
+        y,
+        schedule=[0.5],
+        saliency=magnitude_saliency(),
+        epochs_per_round=3,
+        x_test=x_test,
+        y_test=y_test,
+    )
+    assert result.removed == removal_count(0.5, n)
+    assert len(result.history["loss"]) == 3
+    assert result.accuracy_after > result.accuracy_before_retraining
+
+
+@pytest.mark.parametrize(
+    ("schedule", "message"),
+    [
+        ([0.5, 0.3], "strictly increasing, got 0.5 then 0.3"),
+        ([0.5, 0.5], "strictly increasing"),
+        ([0.2, 1.5], r"fraction must be in \[0, 1\], got 1.5"),
+        ([-0.1], r"fraction must be in \[0, 1\]"),
+        ([], "schedule is empty"),
+        ("0.5", "schedule must be a sequence"),
+    ],
+)
+def test_bad_schedules_are_rejected(schedule, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_schedule(schedule)
+
+
+def test_iterative_prune_rejects_bad_schedule_and_bad_scores(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    model = tiny()
+    with pytest.raises(ValueError, match="strictly increasing"):
+        iterative_prune(
+            model, x, y, schedule=[0.9, 0.5], saliency=magnitude_saliency(), epochs_per_round=1
+        )
+    other = build_mlp(hidden=(16,), seed=0)
+    with pytest.raises(ValueError, match="scores do not match model 'mlp'"):
+        iterative_prune(
+            model, x, y, schedule=[0.5], saliency=lambda _: magnitude(other), epochs_per_round=1
+        )
+
+
+def test_shrink_masks_refuses_to_grow_back() -> None:
+    scores = {"a": np.arange(4.0).reshape(2, 2)}
+    masks = {"a": np.array([[False, False], [False, True]])}
+    with pytest.raises(ValueError, match=r"already remove 3 weights in total; fraction 0\.5"):
+        shrink_masks(scores, masks, 0.5)
+    np.testing.assert_array_equal(shrink_masks(scores, masks, 1.0)["a"], np.zeros((2, 2), bool))
