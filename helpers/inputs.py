@@ -25,7 +25,7 @@ def label_spec(chain: Chain, loss: LossName) -> tf.TensorSpec:
     return tf.TensorSpec([None, chain.num_outputs], chain.dtype)
 
 
-def _check_arrays(
+def check_arrays(
     chain: Chain, x: object, y: object, loss: LossName
 ) -> tuple[np.ndarray, np.ndarray]:
     if y is None:
@@ -107,7 +107,7 @@ def batches(
                 yield tf.cast(xb, chain.dtype), tf.cast(yb, label_dtype)
 
         return from_dataset(), count
-    xa, ya = _check_arrays(chain, x, y, loss)
+    xa, ya = check_arrays(chain, x, y, loss)
     n = xa.shape[0]
 
     def from_arrays() -> Iterator[tuple[tf.Tensor, tf.Tensor]]:

@@ -52,7 +52,7 @@ def removal_count(fraction: float, n: int) -> int:
     return min(n, math.floor(check_fraction(fraction) * n + 0.5))
 
 
-def _check_scope(scope: str) -> None:
+def check_scope(scope: str) -> None:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
@@ -62,7 +62,7 @@ def removal_ranks(
 ) -> dict[str, np.ndarray]:
     """For every weight, its position in the removal order (0 = removed first), within all
     kernels (``"global"``) or within its own kernel (``"layer"``)."""
-    _check_scope(scope)
+    check_scope(scope)
     if not isinstance(scores, Mapping) or not scores:
         raise ValueError("scores must be a non-empty dict {kernel path: array}")
     arrays = {p: np.asarray(s, dtype=np.float64) for p, s in scores.items()}
@@ -197,7 +197,7 @@ def sweep(
     ``evaluator`` built for the same model and data to reuse it across sweeps. With a
     ``strategy`` the evaluation batches are split across its replicas.
     """
-    _check_scope(scope)
+    check_scope(scope)
     checked = check_scores(model, scores)
     fractions = (
         default_fractions()

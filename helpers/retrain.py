@@ -37,10 +37,10 @@ import numpy as np
 
 from helpers.curvature import Method, second_derivatives
 from helpers.evaluate import Evaluator
-from helpers.inputs import _check_arrays, label_spec
+from helpers.inputs import check_arrays, label_spec
 from helpers.losses import per_sample_loss, resolve_loss
 from helpers.network import Chain, as_chain, prunable_kernels
-from helpers.pruning import Masks, Scope, _check_scope, apply_masks, check_fraction, removal_count
+from helpers.pruning import Masks, Scope, apply_masks, check_fraction, check_scope, removal_count
 from helpers.runtime import keras, set_determinism, tf
 from helpers.saliency import Scores, check_scores, magnitude, obd
 
@@ -245,7 +245,7 @@ def masked_fit(
     seed = _non_negative_int(seed, "seed")
     apply_masks(model, masks)  # validates the masks and zeroes the pruned weights
     kept = {p: np.asarray(masks[p]).astype(bool) for p in prunable_kernels(model)}
-    xa, ya = _check_arrays(chain, x, y, "softmax_cross_entropy")
+    xa, ya = check_arrays(chain, x, y, "softmax_cross_entropy")
     evaluator = None if validation_data is None else Evaluator(model, *validation_data)
 
     set_determinism(seed)
@@ -326,7 +326,7 @@ def shrink_masks(
     Raises:
         ValueError: ``masks`` already remove more than ``fraction`` asks for.
     """
-    _check_scope(scope)
+    check_scope(scope)
     fraction = check_fraction(fraction)
     paths = list(masks)
     if set(scores) != set(paths):
@@ -398,7 +398,7 @@ def iterative_prune(
         One :class:`RoundResult` per fraction of the schedule.
     """
     fractions = check_schedule(schedule)
-    _check_scope(scope)
+    check_scope(scope)
     epochs_per_round = _non_negative_int(epochs_per_round, "epochs_per_round")
     seed = _non_negative_int(seed, "seed")
     if (x_test is None) != (y_test is None):
