@@ -57,6 +57,9 @@ EpochFn = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_LEARNING_RATE = 1e-3
+#: ``"constant"``: Adam at ``learning_rate`` throughout; ``"cosine"``: decays from
+#: ``learning_rate`` to 0 along a half cosine over all the steps of the call.
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -101,6 +104,13 @@ def check_schedule(schedule: Sequence[float]) -> list[float]:
                 f"{fractions[i]} at positions {i - 1} and {i}"
             )
     return fractions
+
+
+def check_lr_schedule(lr_schedule: object) -> str:
+    """``lr_schedule`` if it is one of :data:`LR_SCHEDULES`, else ``ValueError``."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    return str(lr_schedule)
 
 
 def _check_classifier(model: keras.Model) -> Chain:
@@ -205,6 +215,7 @@ def masked_fit(
     epochs: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
     learning_rate: float = DEFAULT_LEARNING_RATE,
+    lr_schedule: str = "constant",
     seed: int = 0,
     verbose: int = 0,
     validation_data: tuple[np.ndarray, np.ndarray] | None = None,
@@ -227,6 +238,8 @@ def masked_fit(
         x, y: training images ``(N, *input_shape)`` and integer labels ``(N,)``.
         epochs: passes over the data (0 only applies the masks).
         batch_size, learning_rate, seed: the schedule.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (from ``learning_rate`` down to 0 over the
+            ``epochs``; a fine-tuning run then ends at a small step, as the dense training did).
         verbose: 1 prints one line per epoch (0 is silent).
         validation_data: ``(x_val, y_val)`` evaluated in inference mode after every epoch.
         on_step: called as ``on_step(step, optimizer)`` after every optimizer step. Without it
@@ -242,6 +255,7 @@ def masked_fit(
     epochs = _non_negative_int(epochs, "epochs")
     batch_size = _positive_int(batch_size, "batch_size")
     learning_rate = _positive_float(learning_rate, "learning_rate")
+    lr_schedule = check_lr_schedule(lr_schedule)
     seed = _non_negative_int(seed, "seed")
     apply_masks(model, masks)  # validates the masks and zeroes the pruned weights
     kept = {p: np.asarray(masks[p]).astype(bool) for p in prunable_kernels(model)}
@@ -250,12 +264,16 @@ def masked_fit(
 
     set_determinism(seed)
     rng = np.random.default_rng(seed)
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    n = int(xa.shape[0])
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
+    if lr_schedule == "cosine":
+        steps = max(1, epochs * math.ceil(n / batch_size))
+        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
+    optimizer = keras.optimizers.Adam(learning_rate=rate)
     optimizer.build(model.trainable_variables)
     x_all = tf.constant(xa, dtype=chain.dtype)
     y_all = tf.constant(ya, dtype=label_spec(chain, "softmax_cross_entropy").dtype)
     step = _train_step(model, chain, optimizer, x_all, y_all, batch_size, kept)
-    n = int(xa.shape[0])
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     if evaluator is not None:
         history.update(val_loss=[], val_accuracy=[])
@@ -371,6 +389,7 @@ def iterative_prune(
     epochs_per_round: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
     learning_rate: float = DEFAULT_LEARNING_RATE,
+    lr_schedule: str = "constant",
     seed: int = 0,
     x_test: np.ndarray | None = None,
     y_test: np.ndarray | None = None,
@@ -390,7 +409,8 @@ def iterative_prune(
         x, y: training data for retraining (and for the saliency, if it uses them).
         schedule: strictly increasing cumulative fractions removed, each in [0, 1].
         saliency: ``model -> scores`` (:func:`obd_saliency`, :func:`magnitude_saliency`).
-        epochs_per_round, batch_size, learning_rate, seed: retraining, as in :func:`masked_fit`.
+        epochs_per_round, batch_size, learning_rate, lr_schedule, seed: retraining, as in
+            :func:`masked_fit` (a ``"cosine"`` schedule restarts in every round).
         x_test, y_test: if given, test accuracy is measured before and after each retraining.
         scope: ``"global"`` ranks all kernels together, ``"layer"`` each kernel on its own.
 
@@ -399,6 +419,7 @@ def iterative_prune(
     """
     fractions = check_schedule(schedule)
     check_scope(scope)
+    check_lr_schedule(lr_schedule)
     epochs_per_round = _non_negative_int(epochs_per_round, "epochs_per_round")
     seed = _non_negative_int(seed, "seed")
     if (x_test is None) != (y_test is None):
@@ -420,6 +441,7 @@ def iterative_prune(
             epochs=epochs_per_round,
             batch_size=batch_size,
             learning_rate=learning_rate,
+            lr_schedule=lr_schedule,
             seed=seed + r,
         )
         after = None if evaluator is None else evaluator().accuracy
@@ -458,9 +480,11 @@ def magnitude_saliency() -> Saliency:
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_LEARNING_RATE",
+    "LR_SCHEDULES",
     "RoundResult",
     "Saliency",
     "StepCallback",
+    "check_lr_schedule",
     "check_schedule",
     "iterative_prune",
     "magnitude_saliency",

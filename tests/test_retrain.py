@@ -192,6 +192,40 @@ def test_masked_fit_rejects_masks_that_do_not_match(mnist_subset) -> None:
         masked_fit(model, masks, x, y, epochs=1, batch_size=0)
     with pytest.raises(ValueError, match="learning_rate must be a positive number"):
         masked_fit(model, masks, x, y, epochs=1, learning_rate=-1.0)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        masked_fit(model, masks, x, y, epochs=1, lr_schedule="linear")
+
+
+def test_cosine_schedule_decays_the_step_to_zero_over_the_call(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    model = tiny()
+    masks = half_masks(model)
+    rates: list[float] = []
+
+    def record(step: int, optimizer: keras.optimizers.Optimizer) -> None:
+        # the rate of the step just taken (the schedule is read at iterations - 1)
+        rates.append(float(optimizer.learning_rate))
+
+    masked_fit(
+        model, masks, x, y, epochs=2, learning_rate=0.01, lr_schedule="cosine", on_step=record
+    )
+    steps = 2 * 12  # 1,500 images in batches of 128
+    assert len(rates) == steps
+    # Keras' CosineDecay at the optimizer's iteration count i: 0.01 * (1 + cos(pi * i / steps)) / 2
+    expected = [0.01 * (1 + np.cos(np.pi * (i + 1) / steps)) / 2 for i in range(steps)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-5, atol=1e-9)
+    assert rates[-1] < 1e-9 and all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    constant: list[float] = []
+    masked_fit(
+        model,
+        masks,
+        x,
+        y,
+        epochs=1,
+        learning_rate=0.01,
+        on_step=lambda step, opt: constant.append(float(opt.learning_rate)),
+    )
+    np.testing.assert_allclose(constant, 0.01, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
