@@ -94,7 +94,10 @@ def output_boundary(
             eye = tf.eye(num_outputs, dtype=output.dtype)[:, None, :]  # (K, 1, m)
             return tf.sqrt(tf.transpose(p))[:, :, None] * (eye - p[None])  # (K, B, m)
 
-        return value, p - onehot, p * (1 - p), factor
+        # 1 - p_i as the sum of the other probabilities: no cancellation when p_i is close to 1
+        # (a confident network), where float32 would keep only a few digits of 1 - p_i
+        others = tf.matmul(p, 1 - tf.eye(num_outputs, dtype=output.dtype))
+        return value, p - onehot, p * others, factor
     m = tf.cast(num_outputs, output.dtype)
     value = tf.reduce_mean(tf.square(output - y), axis=-1)
 

@@ -13,6 +13,7 @@ from helpers.curvature import (
     second_derivatives,
     tracing_counts,
 )
+from helpers.losses import output_boundary
 from helpers.network import UnsupportedModelError
 from helpers.runtime import keras, set_determinism, tf
 
@@ -455,3 +456,16 @@ def test_hessian_block_matches_diagonal_and_is_symmetric(classification_data) ->
     assert block[0, 30 + 3] == pytest.approx((grads[0] - grads[1]) / (2 * eps), rel=1e-6)
     with pytest.raises(ValueError, match="paths must be distinct prunable kernels"):
         hessian_block(model, x, y, paths=[path, path])
+
+
+def test_softmax_curvature_boundary_keeps_its_digits_for_confident_outputs() -> None:
+    """p_i (1 - p_i) in float32 for a confident network: 1 - p_i must not be computed by
+    cancellation (at p_i = 1 - 1e-6 that would leave about one correct digit)."""
+    logits = np.array([[14.0, 0.0, -1.0, 2.0], [0.5, 0.1, -0.3, 0.2], [-3.0, 9.0, 0.0, 1.0]])
+    p64 = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p64 /= p64.sum(axis=1, keepdims=True)
+    expected = p64 * (1 - p64)  # float64 reference
+    _, _, s_diag, _ = output_boundary(
+        tf.constant(logits, tf.float32), tf.constant([0, 1, 1]), "softmax_cross_entropy", 4
+    )
+    np.testing.assert_allclose(s_diag.numpy(), expected, rtol=1e-5)
