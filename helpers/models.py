@@ -126,7 +126,7 @@ def _check_positive_float(value: object, name: str) -> float:
     return number
 
 
-def _check_schedule(lr_schedule: object) -> str:
+def check_lr_schedule(lr_schedule: object) -> str:
     """``lr_schedule`` if it is one of :data:`LR_SCHEDULES`."""
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
@@ -329,7 +329,7 @@ def _resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
 # --------------------------------------------------------------------------- training
 
 
-def _learning_rate(
+def learning_rate_for(
     learning_rate: float, lr_schedule: str, steps: int
 ) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """The optimizer's learning rate: constant, or cosine decay to zero over ``steps``."""
@@ -360,7 +360,7 @@ def _fit(config: dict[str, Any], data: MnistArrays, verbose: int) -> TrainedMode
         learning_rate=config["learning_rate"],
     )
     steps = config["epochs"] * math.ceil(len(x_train) / config["batch_size"])
-    lr = _learning_rate(config["learning_rate"], config["lr_schedule"], steps)
+    lr = learning_rate_for(config["learning_rate"], config["lr_schedule"], steps)
     _compile(model, lr, config["weight_decay"] or None)
     start = time.perf_counter()
     fitted = model.fit(
@@ -546,7 +546,7 @@ def train_mlp(
         _positive_int(epochs, "epochs"),
         _positive_int(batch_size, "batch_size"),
         _check_positive_float(learning_rate, "learning_rate"),
-        _check_schedule(lr_schedule),
+        check_lr_schedule(lr_schedule),
         _check_weight_decay(weight_decay),
         data,
     )
@@ -575,5 +575,7 @@ __all__ = [
     "LR_SCHEDULES",
     "TrainedModel",
     "build_mlp",
+    "check_lr_schedule",
+    "learning_rate_for",
     "train_mlp",
 ]

@@ -39,6 +39,7 @@ from helpers.curvature import Method, second_derivatives
 from helpers.evaluate import Evaluator
 from helpers.inputs import check_arrays, label_spec
 from helpers.losses import per_sample_loss, resolve_loss
+from helpers.models import check_lr_schedule, learning_rate_for
 from helpers.network import Chain, as_chain, prunable_kernels
 from helpers.pruning import Masks, Scope, apply_masks, check_fraction, check_scope, removal_count
 from helpers.runtime import keras, set_determinism, tf
@@ -57,9 +58,6 @@ EpochFn = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_LEARNING_RATE = 1e-3
-#: ``"constant"``: Adam at ``learning_rate`` throughout; ``"cosine"``: decays from
-#: ``learning_rate`` to 0 along a half cosine over all the steps of the call.
-LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -104,13 +102,6 @@ def check_schedule(schedule: Sequence[float]) -> list[float]:
                 f"{fractions[i]} at positions {i - 1} and {i}"
             )
     return fractions
-
-
-def check_lr_schedule(lr_schedule: object) -> str:
-    """``lr_schedule`` if it is one of :data:`LR_SCHEDULES`, else ``ValueError``."""
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-    return str(lr_schedule)
 
 
 def _check_classifier(model: keras.Model) -> Chain:
@@ -265,11 +256,10 @@ def masked_fit(
     set_determinism(seed)
     rng = np.random.default_rng(seed)
     n = int(xa.shape[0])
-    rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
-    if lr_schedule == "cosine":
-        steps = max(1, epochs * math.ceil(n / batch_size))
-        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
-    optimizer = keras.optimizers.Adam(learning_rate=rate)
+    steps = max(1, epochs * math.ceil(n / batch_size))
+    optimizer = keras.optimizers.Adam(
+        learning_rate=learning_rate_for(learning_rate, lr_schedule, steps)
+    )
     optimizer.build(model.trainable_variables)
     x_all = tf.constant(xa, dtype=chain.dtype)
     y_all = tf.constant(ya, dtype=label_spec(chain, "softmax_cross_entropy").dtype)
@@ -480,11 +470,9 @@ def magnitude_saliency() -> Saliency:
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_LEARNING_RATE",
-    "LR_SCHEDULES",
     "RoundResult",
     "Saliency",
     "StepCallback",
-    "check_lr_schedule",
     "check_schedule",
     "iterative_prune",
     "magnitude_saliency",
