@@ -12,9 +12,10 @@ for a ``Dense`` layer the sum over samples of squared per-sample gradients is on
 :math:`(z_{l-1}^{\odot 2})^\top \delta_l^{\odot 2}`, with no per-sample loop.
 
 ``empirical_fisher``
-    :math:`\frac1N\sum_n (\nabla_w \ell_n)^2` at the **true** labels. Not an unbiased estimate
-    of anything curvature-like: near a minimum the residuals :math:`p - e_y` are small for the
-    well-fitted samples, so it underweights them relative to the Gauss-Newton matrix.
+    :math:`\frac1N\sum_n (\nabla_w \ell_n)^2` at the **true** labels: the output curvature
+    :math:`S` is replaced by the outer product of the residual :math:`g = p - e_y`. Not an
+    estimate of the Hessian: near a minimum the residuals of well-fitted samples are small, so
+    it comes out far smaller than the Gauss-Newton diagonal (its ranking can still be close).
 ``monte_carlo_fisher``
     The same with :math:`g` replaced by :math:`\tilde g = p - e_{\tilde y}`, labels
     :math:`\tilde y \sim \mathrm{softmax}(o)` drawn from the model itself (``samples`` draws per
@@ -31,7 +32,9 @@ for a ``Dense`` layer the sum over samples of squared per-sample gradients is on
     differentiation through the Keras model, summed over batches; unbiased for the exact diagonal
     for any activation, with a variance that grows with the off-diagonal mass of :math:`H`.
 
-Randomness is stateless and seeded: the same ``seed`` (and, for ``monte_carlo_fisher``, the same
+Randomness is seeded: ``monte_carlo_fisher`` draws with TensorFlow's stateless ops keyed by
+``(seed, batch index)``, ``hutchinson`` with NumPy generators keyed by ``(seed, probe index)``
+(:func:`rademacher_probes`), so the same ``seed`` (and, for the Monte Carlo Fisher, the same
 batching) gives the same numbers. Every per-batch computation is compiled with ``tf.function``
 once per model (see :func:`tracing_counts`) and runs in the model's dtype (float32 for the MNIST
 network).
@@ -160,7 +163,7 @@ def _sampled_output_gradients(
 def _monte_carlo_batch(
     chain: Chain, x: tf.Tensor, y: tf.Tensor, seed: tf.Tensor, loss: LossName, samples: int
 ) -> list[tf.Tensor]:
-    del y  # the targets are drawn from the model; y only fixes the batch's labels' validity
+    del y  # validated (label range) but unused: the targets are drawn from the model
     inputs, slopes, out = _forward(chain, x)
     grads = _sampled_output_gradients(out, loss, samples, seed, chain.num_outputs)
     return _squared_gradient_sums(chain, inputs, slopes, grads)
