@@ -35,7 +35,21 @@ exactly. The methods differ in how they obtain :math:`\partial^2\ell/\partial a_
 ``"autodiff"``
     TensorFlow's own double differentiation through the Keras model: the Jacobian of the
     gradient, taken in chunks of weights, whose diagonal is kept. A brute-force reference for
-    tests and small models; its cost grows with the number of weights.
+    tests and small models; its cost grows with the number of weights. Caveat: with
+    TensorFlow 2.21 this second derivative through a ``MaxPooling2D`` with stride 1 and
+    ``"same"`` padding comes out as zeros for the weights before it (the gradient itself is
+    right); tests/test_conv_curvature.py checks such nets against finite differences instead.
+
+Chains with ``Conv2D`` and pooling layers (:mod:`helpers.network`) use the same recursions,
+operation by operation. A convolution weight is shared by all output positions, and its second
+derivative sums over the connections it controls (LeCun, Denker & Solla 1989, Eq. 5):
+``"lecun"`` backpropagates :math:`h` with the squared kernel (a transposed convolution with
+:math:`W^2`) and sums :math:`z_{in}^2 h` over positions (the convolution's filter gradient of
+:math:`z_{in}^2` and :math:`h`), dropping the cross terms between positions; ``"exact"`` squares
+each sample's per-class filter gradient :math:`(\sum_p z_{in,p}\,\delta_p)^2`, cross terms
+included, at about K gradient passes for K classes (see :func:`_exact_gauss_newton_ops_batch`).
+Max pooling routes to each window's argmax; average pooling's Jacobian has entries
+:math:`1/k`, squared :math:`1/k^2`.
 
 Every method is batched over the data (memory independent of its size), compiled with
 ``tf.function`` once per model (later calls and every batch reuse the trace; see
@@ -53,7 +67,15 @@ import numpy as np
 from helpers.distribute import sum_over_batches
 from helpers.inputs import Data, batches, label_spec, progress_bar
 from helpers.losses import LossName, output_boundary, per_sample_loss, resolve_loss
-from helpers.network import Chain, as_chain, check_finite_weights
+from helpers.network import (
+    Chain,
+    ConvStep,
+    DenseStep,
+    FlattenStep,
+    PoolStep,
+    as_chain,
+    check_finite_weights,
+)
 from helpers.runtime import keras, tf
 
 Method = Literal["lecun", "lecun-full", "exact", "autodiff"]
@@ -180,6 +202,289 @@ def _exact_block_batch(chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName)
     return result
 
 
+# --------------------------------------------------------------------------------------------
+# Chains with Conv2D and pooling layers: the same recursions, operation by operation
+# --------------------------------------------------------------------------------------------
+#
+# Tensors keep their spatial shape (batch, height, width, channels) until a Flatten. Backward
+# passes run on a *folded* batch: R stacked copies of the data batch (R = 1 for "lecun", the K
+# loss-Hessian factors for "exact", the n rows of a Hessian block for the smooth "exact"), row
+# r * B + b belonging to sample b. Every backward step is one batched TensorFlow op over the
+# folded batch (a transposed convolution, a pooling gradient, a matmul, a reshape): no loop over
+# positions, samples or classes.
+
+
+def _spatial(strides: tuple[int, int]) -> list[int]:
+    return [1, strides[0], strides[1], 1]
+
+
+def _pool(op: PoolStep, z: tf.Tensor) -> tf.Tensor:
+    """The pooling layer's output, with the same TensorFlow op as Keras' TensorFlow backend."""
+    pool = tf.nn.max_pool2d if op.kind == "max" else tf.nn.avg_pool2d
+    return pool(z, list(op.pool_size), list(op.strides), op.padding)
+
+
+def _window_counts(op: PoolStep, shape: tuple[int, ...], dtype: tf.DType) -> tf.Tensor:
+    """How many input positions each pooling window covers, (1, H_out, W_out, 1): the window size,
+    or fewer at the borders with "same" padding (where TensorFlow averages the valid ones)."""
+    ones = tf.ones((1, shape[0], shape[1], 1), dtype)
+    window = tf.ones((*op.pool_size, 1, 1), dtype)
+    return tf.nn.conv2d(ones, window, _spatial(op.strides), op.padding)
+
+
+def _forward_ops(
+    chain: Chain, x: tf.Tensor
+) -> tuple[list[tf.Tensor], list[tuple[tf.Tensor, tf.Tensor] | None], tf.Tensor]:
+    """Every operation's input, (f'(a), f''(a)) for the weighted ones (None for the others),
+    and the output (logits)."""
+    z = x
+    inputs: list[tf.Tensor] = []
+    derivatives: list[tuple[tf.Tensor, tf.Tensor] | None] = []
+    for op in chain.ops:
+        inputs.append(z)
+        if isinstance(op, PoolStep):
+            z = _pool(op, z)
+            derivatives.append(None)
+            continue
+        if isinstance(op, FlattenStep):
+            z = tf.reshape(z, [-1, math.prod(z.shape[1:])])
+            derivatives.append(None)
+            continue
+        kernel = tf.convert_to_tensor(op.kernel)
+        if isinstance(op, ConvStep):
+            a = tf.nn.conv2d(z, kernel, _spatial(op.strides), op.padding)
+        else:
+            a = tf.matmul(z, kernel)
+        if op.bias is not None:
+            a = a + tf.convert_to_tensor(op.bias)
+        z, d1, d2 = _derivatives(op.activation, a)
+        derivatives.append((d1, d2))
+    return inputs, derivatives, z
+
+
+def _op_backward(
+    chain: Chain, i: int, z_in: tf.Tensor, v: tf.Tensor, repeats: int, squared: bool
+) -> tf.Tensor:
+    r"""Backpropagate the folded batch ``v`` (R*B, *output shape) through operation ``i`` to its
+    input: :math:`J^\top v`, or with ``squared`` :math:`(J \odot J)^\top v` (the Jacobian's
+    entries squared, as LeCun's diagonal recursion needs). ``z_in`` is the operation's input
+    for the B samples (max pooling routes by it); ``repeats`` is R."""
+    op = chain.ops[i]
+    shape = chain.shapes[i]
+    if isinstance(op, FlattenStep):
+        return tf.reshape(v, [-1, *shape])
+    if isinstance(op, DenseStep):
+        kernel = tf.convert_to_tensor(op.kernel)
+        return tf.matmul(v, tf.square(kernel) if squared else kernel, transpose_b=True)
+    if isinstance(op, ConvStep):
+        kernel = tf.convert_to_tensor(op.kernel)
+        return tf.nn.conv2d_transpose(
+            v,
+            tf.square(kernel) if squared else kernel,
+            tf.concat([tf.shape(v)[:1], tf.constant(shape, tf.int32)], 0),
+            _spatial(op.strides),
+            op.padding,
+        )
+    ksize = [1, op.pool_size[0], op.pool_size[1], 1]
+    if op.kind == "max":  # a 0/1 selection of each window's argmax: J squared is J
+        z = z_in if repeats == 1 else tf.tile(z_in, [repeats, 1, 1, 1])
+        return tf.raw_ops.MaxPoolGrad(
+            orig_input=z,
+            orig_output=_pool(op, z),
+            grad=v,
+            ksize=ksize,
+            strides=_spatial(op.strides),
+            padding=op.padding,
+        )
+    if squared:  # J has entries 1 / (window count), so J squared has 1 / count^2
+        v = v / _window_counts(op, shape, v.dtype)
+    return tf.raw_ops.AvgPoolGrad(
+        orig_input_shape=tf.concat([tf.shape(v)[:1], tf.constant(shape, tf.int32)], 0),
+        grad=v,
+        ksize=ksize,
+        strides=_spatial(op.strides),
+        padding=op.padding,
+    )
+
+
+def _patches(op: ConvStep, z: tf.Tensor) -> tf.Tensor:
+    """The input window of every output position, (B, P, kh * kw * c_in) in the kernel's
+    row-major order, so that conv2d(z, W) = patches @ W.reshape(-1, c_out)."""
+    kh, kw, c_in, _ = op.kernel.shape
+    patches = tf.image.extract_patches(
+        z, [1, kh, kw, 1], _spatial(op.strides), [1, 1, 1, 1], op.padding
+    )
+    return tf.reshape(patches, [tf.shape(z)[0], -1, kh * kw * c_in])
+
+
+def _first_weighted(chain: Chain) -> int:
+    return next(i for i, op in enumerate(chain.ops) if isinstance(op, (DenseStep, ConvStep)))
+
+
+def _unfold(v: tf.Tensor, repeats: int) -> tf.Tensor:
+    """(R*B, ...) -> (R, B, ...)."""
+    return tf.reshape(v, [repeats, -1, *v.shape[1:]])
+
+
+def _lecun_ops_batch(
+    chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName, full: bool
+) -> list[tf.Tensor]:
+    r"""LeCun's diagonal recursion through Dense, Conv2D, pooling and Flatten operations.
+
+    A convolution backpropagates :math:`h` with the squared kernel (a transposed convolution
+    with :math:`W^2`); a shared kernel weight's diagonal is the sum over the connections it
+    controls (LeCun, Denker & Solla 1989, Eq. 5), :math:`\sum_{\text{positions}} z_{in}^2 h`,
+    which is the filter gradient of the convolution applied to :math:`z_{in}^2` and :math:`h`.
+    Max pooling routes to the argmax; average pooling has Jacobian entries :math:`1/k`, squared
+    :math:`1/k^2`. Costs about two gradient passes.
+    """
+    inputs, derivatives, out = _forward_ops(chain, x)
+    _, g, s_diag, _ = output_boundary(out, y, loss, chain.num_outputs)
+    h, delta = s_diag, g  # d2l/dz^2 (diagonal) and dl/dz at the current operation's output
+    result: list[tf.Tensor] = []
+    first = _first_weighted(chain)
+    for i in range(len(chain.ops) - 1, first - 1, -1):
+        op = chain.ops[i]
+        if derivatives[i] is not None:
+            d1, d2 = derivatives[i]
+            h = tf.square(d1) * h
+            if full:
+                h = h + d2 * delta
+                delta = d1 * delta
+            z2 = tf.square(inputs[i])
+            if isinstance(op, ConvStep):
+                result.append(
+                    tf.raw_ops.Conv2DBackpropFilter(
+                        input=z2,
+                        filter_sizes=tf.constant([int(d) for d in op.kernel.shape], tf.int32),
+                        out_backprop=h,
+                        strides=_spatial(op.strides),
+                        padding=op.padding,
+                    )
+                )
+            else:
+                result.append(tf.matmul(z2, h, transpose_a=True))
+        if i == first:
+            break
+        h_next = _op_backward(chain, i, inputs[i], h, 1, squared=True)
+        if full:
+            delta = _op_backward(chain, i, inputs[i], delta, 1, squared=False)
+        h = h_next
+    return result[::-1]
+
+
+def _exact_gauss_newton_ops_batch(
+    chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName
+) -> list[tf.Tensor]:
+    r"""Exact diagonal for piecewise-linear chains with Conv2D and pooling: :math:`\sum_k (J^\top
+    u_k)^2`, the K vectors :math:`u_k` folded into the batch and backpropagated together.
+
+    A Dense weight controls one connection, so its per-sample gradient is a product and the sum
+    over samples a matmul. A convolution weight is shared by every output position, so its
+    squared gradient is :math:`(\sum_p z_{in,p} \delta_p)^2`, not a sum of squares: the filter
+    gradient is formed per sample and per :math:`k` (an einsum of the input patches with the
+    backpropagated vectors) and then squared. Cost: K backward passes over the data (K = number
+    of outputs) plus K * B * P * F * C_out multiply-adds and K * B * F * C_out memory per
+    convolution (P output positions, F = kh * kw * C_in), i.e. about K gradient passes.
+    """
+    inputs, derivatives, out = _forward_ops(chain, x)
+    _, _, _, factor = output_boundary(out, y, loss, chain.num_outputs)
+    k_count = chain.num_outputs
+    vectors = tf.reshape(factor(), [-1, chain.num_outputs])  # (K*B, m): u_k at the output
+    result: list[tf.Tensor] = []
+    first = _first_weighted(chain)
+    for i in range(len(chain.ops) - 1, first - 1, -1):
+        op = chain.ops[i]
+        if derivatives[i] is not None:
+            d1, _ = derivatives[i]
+            unfolded = _unfold(vectors, k_count) * d1[None]  # (K, B, *output shape)
+            vectors = tf.reshape(unfolded, tf.shape(vectors))
+            if isinstance(op, ConvStep):
+                patches = _patches(op, inputs[i])  # (B, P, F)
+                deltas = tf.reshape(
+                    unfolded, [k_count, tf.shape(patches)[0], tf.shape(patches)[1], -1]
+                )  # (K, B, P, C_out)
+                per_sample = tf.einsum("bpf,kbpo->kbfo", patches, deltas)
+                result.append(
+                    tf.reshape(tf.reduce_sum(tf.square(per_sample), axis=[0, 1]), op.kernel.shape)
+                )
+            else:
+                result.append(
+                    tf.matmul(
+                        tf.square(inputs[i]),
+                        tf.reduce_sum(tf.square(unfolded), axis=0),
+                        transpose_a=True,
+                    )
+                )
+        if i == first:
+            break
+        vectors = _op_backward(chain, i, inputs[i], vectors, k_count, squared=False)
+    return result[::-1]
+
+
+def _block_backward(chain: Chain, i: int, z_in: tf.Tensor, m_block: tf.Tensor) -> tf.Tensor:
+    r"""Per-sample :math:`J^\top M J` for operation ``i`` (Jacobian J w.r.t. its input), M of
+    shape (B, n_out, n_out) -> (B, n_in, n_in): the rows of M, then the rows of M J, folded into
+    the batch and backpropagated."""
+    op = chain.ops[i]
+    if isinstance(op, FlattenStep):
+        return m_block  # same entries in the same (row-major) order
+    if isinstance(op, DenseStep):
+        w = tf.convert_to_tensor(op.kernel)
+        return tf.einsum("ij,bjk,lk->bil", w, m_block, w)
+    out_shape = list(chain.shapes[i + 1]) if i + 1 < len(chain.ops) else list(chain.output_shape)
+    n_out, n_in = math.prod(out_shape), math.prod(chain.shapes[i])
+    rows = tf.reshape(tf.transpose(m_block, [1, 0, 2]), [-1, *out_shape])  # (n_out*B, out)
+    mj = tf.reshape(_op_backward(chain, i, z_in, rows, n_out, False), [n_out, -1, n_in])
+    cols = tf.reshape(tf.transpose(mj, [2, 1, 0]), [-1, *out_shape])  # (n_in*B, out)
+    jmj = tf.reshape(_op_backward(chain, i, z_in, cols, n_in, False), [n_in, -1, n_in])
+    return tf.transpose(jmj, [1, 0, 2])
+
+
+def _exact_block_ops_batch(
+    chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName
+) -> list[tf.Tensor]:
+    r"""Exact diagonal for chains with Conv2D and smooth activations: the per-sample Hessian with
+    respect to every operation's output, :math:`M \leftarrow J^\top M J` through each operation
+    and :math:`F' M F' + \mathrm{diag}(f'' \partial\ell/\partial z)` through each activation.
+    A convolution weight's entry sums :math:`z_{in,p} z_{in,q} M_{(p,o),(q,o)}` over all pairs of
+    output positions. Memory :math:`O(B n^2)` and time :math:`O(B n^2)` backward passes' worth
+    for a layer of n units: for small networks only."""
+    inputs, derivatives, out = _forward_ops(chain, x)
+    _, g, _, factor = output_boundary(out, y, loss, chain.num_outputs)
+    u = factor()  # (K, B, m)
+    m_block = tf.einsum("kbi,kbj->bij", u, u)  # loss Hessian w.r.t. the output, per sample
+    delta = g
+    result: list[tf.Tensor] = []
+    first = _first_weighted(chain)
+    for i in range(len(chain.ops) - 1, first - 1, -1):
+        op = chain.ops[i]
+        if derivatives[i] is not None:
+            d1, d2 = (tf.reshape(d, [tf.shape(d)[0], -1]) for d in derivatives[i])
+            flat_delta = tf.reshape(delta, tf.shape(d1))
+            m_block = d1[:, :, None] * m_block * d1[:, None, :] + tf.linalg.diag(d2 * flat_delta)
+            delta = tf.reshape(d1 * flat_delta, tf.shape(delta))
+            if isinstance(op, ConvStep):
+                patches = _patches(op, inputs[i])  # (B, P, F)
+                c_out = int(op.kernel.shape[-1])
+                positions = tf.shape(patches)[1]
+                blocks = tf.reshape(m_block, [-1, positions, c_out, positions, c_out])
+                same_channel = tf.linalg.diag_part(tf.transpose(blocks, [0, 1, 3, 2, 4]))
+                weighted = tf.einsum("bqf,bpqo->bpfo", patches, same_channel)
+                result.append(
+                    tf.reshape(tf.einsum("bpf,bpfo->fo", patches, weighted), op.kernel.shape)
+                )
+            else:
+                result.append(
+                    tf.matmul(tf.square(inputs[i]), tf.linalg.diag_part(m_block), transpose_a=True)
+                )
+        if i == first:
+            break
+        m_block = _block_backward(chain, i, inputs[i], m_block)
+        delta = _op_backward(chain, i, inputs[i], delta, 1, squared=False)
+    return result[::-1]
+
+
 def _model_loss_sum(chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName) -> tf.Tensor:
     """Sum over the batch of the per-sample loss, through the Keras model itself."""
     final_softmax = chain.steps[-1].activation == "softmax"
@@ -215,12 +520,16 @@ def _batch_function(chain: Chain, method: str, loss: LossName) -> Callable:
     y_spec = label_spec(chain, loss)
 
     def build() -> Callable:
+        dense = chain.dense_only
         if method in ("lecun", "lecun-full"):
-            body = lambda x, y: _lecun_batch(chain, x, y, loss, full=method == "lecun-full")  # noqa: E731
+            lecun = _lecun_batch if dense else _lecun_ops_batch
+            body = lambda x, y: lecun(chain, x, y, loss, full=method == "lecun-full")  # noqa: E731
         elif method == "exact" and chain.piecewise_linear:
-            body = lambda x, y: _exact_gauss_newton_batch(chain, x, y, loss)  # noqa: E731
+            exact = _exact_gauss_newton_batch if dense else _exact_gauss_newton_ops_batch
+            body = lambda x, y: exact(chain, x, y, loss)  # noqa: E731
         elif method == "exact":
-            body = lambda x, y: _exact_block_batch(chain, x, y, loss)  # noqa: E731
+            block = _exact_block_batch if dense else _exact_block_ops_batch
+            body = lambda x, y: block(chain, x, y, loss)  # noqa: E731
         else:  # "gradient": a plain gradient pass through the Keras model
             kernels = [step.kernel.value for step in chain.steps]
 
@@ -494,7 +803,7 @@ def mean_loss(
 
     def build() -> Callable:
         def body(xb: tf.Tensor, yb: tf.Tensor) -> list[tf.Tensor]:
-            *_, out = _forward(chain, xb)
+            *_, out = _forward(chain, xb) if chain.dense_only else _forward_ops(chain, xb)
             value, *_ = output_boundary(out, yb, loss_name, chain.num_outputs)
             return [tf.reduce_sum(value)]
 

@@ -1,16 +1,24 @@
 """Which Keras models the helpers support, described as a chain of layers.
 
 The curvature code does its own forward and backward passes, so it needs to know exactly what
-each layer computes. This module turns a Keras model into a list of :class:`DenseStep` objects
-(one per ``Dense`` layer: kernel, bias, activation), after checking that the model is a single
-chain made only of supported layers:
+each layer computes. This module turns a Keras model into a :class:`Chain`: the sequence of
+operations it computes (:class:`DenseStep`, :class:`ConvStep`, :class:`PoolStep`,
+:class:`FlattenStep`), after checking that the model is a single chain made only of supported
+layers:
 
 - ``Dense`` with activation ``relu``, ``tanh``, ``sigmoid`` or ``linear`` (and ``softmax`` on
   the last layer only, where it is treated as part of a cross-entropy loss);
+- ``Conv2D`` (``channels_last``, padding ``"valid"`` or ``"same"``, any strides and kernel size,
+  with or without bias, the same activations as ``Dense`` but never softmax; dilation 1 and
+  groups 1 only);
+- ``MaxPooling2D`` and ``AveragePooling2D`` (``channels_last``, padding ``"valid"`` or
+  ``"same"``, any strides);
 - ``Dropout`` (the identity in inference mode, which is how pruning saliencies are measured);
 - ``Flatten`` and ``InputLayer``.
 
-Anything else raises :class:`UnsupportedModelError` naming the layer.
+The prunable weights are the kernels of the ``Dense`` and ``Conv2D`` layers
+(:attr:`Chain.steps`). Anything else raises :class:`UnsupportedModelError` naming the layer
+and, for a supported type, the unsupported setting.
 """
 
 from __future__ import annotations
@@ -21,7 +29,16 @@ import numpy as np
 
 from helpers.runtime import keras
 
-SUPPORTED_LAYERS = ("Dense", "Dropout", "Flatten", "InputLayer")
+SUPPORTED_LAYERS = (
+    "Dense",
+    "Conv2D",
+    "MaxPooling2D",
+    "AveragePooling2D",
+    "Dropout",
+    "Flatten",
+    "InputLayer",
+)
+POOLING_LAYERS = {"MaxPooling2D": "max", "AveragePooling2D": "average"}
 SUPPORTED_ACTIVATIONS = ("relu", "tanh", "sigmoid", "linear")
 PIECEWISE_LINEAR = ("relu", "linear")
 
@@ -52,16 +69,82 @@ class DenseStep:
 
 
 @dataclass(frozen=True)
+class ConvStep:
+    """One ``Conv2D`` layer: ``z_out = activation(conv2d(z_in, kernel, strides, padding) + bias)``.
+
+    ``padding`` is TensorFlow's spelling (``"VALID"`` or ``"SAME"``); the kernel has shape
+    ``(kh, kw, c_in, c_out)`` and each of its weights is shared by every output position.
+    """
+
+    layer: keras.layers.Conv2D
+    activation: str
+    strides: tuple[int, int]
+    padding: str
+
+    @property
+    def kernel(self) -> keras.Variable:
+        return self.layer.kernel
+
+    @property
+    def bias(self) -> keras.Variable | None:
+        return self.layer.bias if self.layer.use_bias else None
+
+    @property
+    def path(self) -> str:
+        """The kernel variable's path, the key used in every score dictionary."""
+        return self.layer.kernel.path
+
+
+@dataclass(frozen=True)
+class PoolStep:
+    """A ``MaxPooling2D`` (``kind="max"``) or ``AveragePooling2D`` (``kind="average"``) layer."""
+
+    layer: keras.layers.Layer
+    kind: str
+    pool_size: tuple[int, int]
+    strides: tuple[int, int]
+    padding: str
+
+
+@dataclass(frozen=True)
+class FlattenStep:
+    """A ``Flatten`` layer after a rank-3 (height, width, channels) tensor."""
+
+    layer: keras.layers.Layer
+
+
+WeightedStep = DenseStep | ConvStep
+Step = DenseStep | ConvStep | PoolStep | FlattenStep
+
+
+@dataclass(frozen=True)
 class Chain:
-    """A supported model as a sequence of ``Dense`` steps, with its input shape."""
+    """A supported model as the sequence of operations it computes, with its input shape.
+
+    ``ops`` holds every operation in order (``Dropout`` and ``InputLayer`` are identities and
+    left out); ``steps`` only the weighted ones (``Dense`` and ``Conv2D``), whose kernels are
+    the prunable weights; ``shapes[i]`` is the per-sample input shape of ``ops[i]`` and
+    ``output_shape`` that of the model output.
+    """
 
     model: keras.Model
-    steps: tuple[DenseStep, ...]
+    steps: tuple[WeightedStep, ...]
     input_shape: tuple[int, ...]
+    ops: tuple[Step, ...] = ()
+    shapes: tuple[tuple[int, ...], ...] = ()
+    output_shape: tuple[int, ...] = ()
 
     @property
     def num_outputs(self) -> int:
-        return int(self.steps[-1].kernel.shape[1])
+        return (
+            int(self.output_shape[-1]) if self.output_shape else int(self.steps[-1].kernel.shape[1])
+        )
+
+    @property
+    def dense_only(self) -> bool:
+        """True when the chain has no ``Conv2D`` or pooling layer: ``Dense`` steps on the
+        flattened input (a ``Flatten`` can only come first then)."""
+        return all(isinstance(op, (DenseStep, FlattenStep)) for op in self.ops)
 
     @property
     def dtype(self) -> str:
@@ -115,8 +198,74 @@ def _layer_sequence(model: keras.Model) -> list[keras.layers.Layer]:
     return chain
 
 
-def _activation_name(layer: keras.layers.Dense) -> str:
+def _activation_name(layer: keras.layers.Layer) -> str:
     return getattr(layer.activation, "__name__", type(layer.activation).__name__)
+
+
+def _pair(value: object) -> tuple[int, int]:
+    pair = tuple(int(v) for v in (value if isinstance(value, (tuple, list)) else (value, value)))
+    return pair  # type: ignore[return-value]
+
+
+def _check_spatial(layer: keras.layers.Layer, kind: str, shape: tuple[int, ...]) -> str:
+    """Check the settings shared by Conv2D and pooling layers; return TF's padding name."""
+    config = layer.get_config()
+    if len(shape) != 3:
+        raise UnsupportedModelError(
+            f"{kind} layer {layer.name!r} receives a rank-{len(shape) + 1} input {shape}; "
+            "it needs (batch, height, width, channels)"
+        )
+    if config.get("data_format", "channels_last") != "channels_last":
+        raise UnsupportedModelError(
+            f"{kind} layer {layer.name!r} has data_format={config['data_format']!r}; only "
+            "'channels_last' is supported"
+        )
+    padding = str(config.get("padding", "valid")).lower()
+    if padding not in ("valid", "same"):
+        raise UnsupportedModelError(
+            f"{kind} layer {layer.name!r} has padding={padding!r}; only 'valid' and 'same' are supported"
+        )
+    return padding.upper()
+
+
+def _conv_step(layer: keras.layers.Layer, shape: tuple[int, ...]) -> ConvStep:
+    padding = _check_spatial(layer, "Conv2D", shape)
+    config = layer.get_config()
+    if _pair(config["dilation_rate"]) != (1, 1):
+        raise UnsupportedModelError(
+            f"Conv2D layer {layer.name!r} has dilation_rate={config['dilation_rate']!r}; only 1 is supported"
+        )
+    if int(config.get("groups", 1)) != 1:
+        raise UnsupportedModelError(
+            f"Conv2D layer {layer.name!r} has groups={config['groups']!r}; only 1 is supported"
+        )
+    activation = _activation_name(layer)
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"Conv2D layer {layer.name!r} has activation {activation!r}; supported: "
+            f"{', '.join(SUPPORTED_ACTIVATIONS)}"
+        )
+    return ConvStep(
+        layer=layer, activation=activation, strides=_pair(config["strides"]), padding=padding
+    )
+
+
+def _pool_step(layer: keras.layers.Layer, kind: str, shape: tuple[int, ...]) -> PoolStep:
+    padding = _check_spatial(layer, kind, shape)
+    config = layer.get_config()
+    pool_size = _pair(config["pool_size"])
+    strides = pool_size if config.get("strides") is None else _pair(config["strides"])
+    return PoolStep(
+        layer=layer,
+        kind=POOLING_LAYERS[kind],
+        pool_size=pool_size,
+        strides=strides,
+        padding=padding,
+    )
+
+
+def _output_shape(layer: keras.layers.Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(d) for d in layer.compute_output_shape((None, *shape))[1:])
 
 
 def as_chain(model: keras.Model) -> Chain:
@@ -130,8 +279,9 @@ def as_chain(model: keras.Model) -> Chain:
         raise UnsupportedModelError(
             f"model {model.name!r} has an input shape with unknown dimensions {input_shape}"
         )
-    steps: list[DenseStep] = []
-    rank = len(input_shape)
+    ops: list[Step] = []
+    shapes: list[tuple[int, ...]] = []
+    shape = input_shape
     seen: set[int] = set()
     for layer in _layer_sequence(model):
         kind = type(layer).__name__
@@ -140,39 +290,73 @@ def as_chain(model: keras.Model) -> Chain:
         seen.add(id(layer))
         if kind in ("InputLayer", "Dropout"):
             continue
+        op: Step
         if kind == "Flatten":
-            rank = 1
-            continue
-        if kind != "Dense":
+            if len(shape) == 1:
+                continue  # flattening a vector: the identity
+            op = FlattenStep(layer=layer)
+        elif kind == "Dense":
+            if len(shape) != 1:
+                raise UnsupportedModelError(
+                    f"Dense layer {layer.name!r} receives a rank-{len(shape) + 1} input; add a Flatten before it"
+                )
+            op = DenseStep(layer=layer, activation=_activation_name(layer))
+        elif kind == "Conv2D":
+            op = _conv_step(layer, shape)
+        elif kind in POOLING_LAYERS:
+            op = _pool_step(layer, kind, shape)
+        else:
             raise UnsupportedModelError(
                 f"layer {layer.name!r} of type {kind} is not supported; supported layers: "
-                f"{', '.join(SUPPORTED_LAYERS)} (Dense activations: {', '.join(SUPPORTED_ACTIVATIONS)})"
+                f"{', '.join(SUPPORTED_LAYERS)} (activations: {', '.join(SUPPORTED_ACTIVATIONS)})"
             )
-        if rank != 1:
-            raise UnsupportedModelError(
-                f"Dense layer {layer.name!r} receives a rank-{rank + 1} input; add a Flatten before it"
-            )
-        steps.append(DenseStep(layer=layer, activation=_activation_name(layer)))
+        ops.append(op)
+        shapes.append(shape)
+        shape = _output_shape(layer, shape)
+    steps = [op for op in ops if isinstance(op, (DenseStep, ConvStep))]
     if not steps:
-        raise UnsupportedModelError(f"model {model.name!r} has no Dense layer to prune")
+        raise UnsupportedModelError(f"model {model.name!r} has no Dense or Conv2D layer to prune")
+    if len(shape) != 1:
+        raise UnsupportedModelError(
+            f"model {model.name!r} outputs per-sample shape {shape}; end it with Flatten or Dense"
+        )
     for i, step in enumerate(steps):
-        last = i == len(steps) - 1
+        last = i == len(steps) - 1 and ops[-1] is step and isinstance(step, DenseStep)
         allowed = SUPPORTED_ACTIVATIONS + (("softmax",) if last else ())
         if step.activation not in allowed:
             raise UnsupportedModelError(
-                f"Dense layer {step.layer.name!r} has activation {step.activation!r}; supported: "
-                f"{', '.join(SUPPORTED_ACTIVATIONS)} (softmax only on the last layer)"
+                f"{type(step.layer).__name__} layer {step.layer.name!r} has activation "
+                f"{step.activation!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)} "
+                "(softmax only on a final Dense layer)"
             )
     dtypes = {str(step.kernel.dtype) for step in steps}
     if len(dtypes) != 1 or not dtypes <= {"float32", "float64"}:
         raise UnsupportedModelError(
             f"model {model.name!r} has kernel dtypes {sorted(dtypes)}; use one of float32 or float64"
         )
-    return Chain(model=model, steps=tuple(steps), input_shape=input_shape)
+    return Chain(
+        model=model,
+        steps=tuple(steps),
+        input_shape=input_shape,
+        ops=tuple(ops),
+        shapes=tuple(shapes),
+        output_shape=shape,
+    )
+
+
+def require_dense(chain: Chain, what: str) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``chain`` is made of ``Dense`` layers only."""
+    if not chain.dense_only:
+        others = [op.layer.name for op in chain.ops if not isinstance(op, (DenseStep, FlattenStep))]
+        raise UnsupportedModelError(
+            f"{what} supports chains of Dense layers only; model {chain.model.name!r} has "
+            f"layers {others}"
+        )
 
 
 def prunable_kernels(model: keras.Model) -> dict[str, keras.Variable]:
-    """The prunable weights of ``model`` -- the ``Dense`` kernels, biases excluded -- by path."""
+    """The prunable weights of ``model`` -- the ``Dense`` and ``Conv2D`` kernels, biases
+    excluded -- by path, in layer order."""
     return {step.path: step.kernel for step in as_chain(model).steps}
 
 
@@ -190,9 +374,15 @@ __all__ = [
     "SUPPORTED_ACTIVATIONS",
     "SUPPORTED_LAYERS",
     "Chain",
+    "ConvStep",
     "DenseStep",
+    "FlattenStep",
+    "PoolStep",
+    "Step",
     "UnsupportedModelError",
+    "WeightedStep",
     "as_chain",
     "check_finite_weights",
     "prunable_kernels",
+    "require_dense",
 ]

@@ -91,6 +91,12 @@ are pruned first to last, and the inputs of each layer are collected from the ne
 earlier layers are already pruned and updated, so that each layer also compensates for the
 errors upstream (its columns' paths are recomputed from those inputs). With ``inputs="dense"``
 every layer is pruned against the dense network's inputs.
+
+**Scope.** The NumPy passes here (:func:`unit_curvature`, :func:`gauss_newton`,
+:class:`LayerwiseOBS`, and :func:`obs_prune_model` with its default Gauss-Newton Hessian) handle
+chains of ``Dense`` layers only; a model with ``Conv2D`` or pooling layers raises
+:class:`helpers.network.UnsupportedModelError`. ``obs_prune_model(..., hessian="exact")`` goes
+through :func:`helpers.curvature.hessian_block` and accepts them.
 """
 
 from __future__ import annotations
@@ -105,7 +111,13 @@ import scipy.linalg
 
 from helpers.curvature import MAX_BLOCK_WEIGHTS, hessian_block
 from helpers.losses import LossName, resolve_loss
-from helpers.network import Chain, as_chain, check_finite_weights, prunable_kernels
+from helpers.network import (
+    Chain,
+    as_chain,
+    check_finite_weights,
+    prunable_kernels,
+    require_dense,
+)
 from helpers.pruning import Masks, check_fraction, removal_count, snapshot
 from helpers.runtime import keras
 
@@ -314,7 +326,11 @@ def _activate(name: str, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _weights(chain: Chain) -> list[tuple[np.ndarray, np.ndarray, str]]:
-    """(kernel, bias, activation) of every Dense step, as float64 arrays."""
+    """(kernel, bias, activation) of every Dense step, as float64 arrays; chains with Conv2D or
+    pooling layers raise :class:`helpers.network.UnsupportedModelError`."""
+    require_dense(
+        chain, "helpers.obs (unit_curvature, gauss_newton, LayerwiseOBS, Gauss-Newton OBS)"
+    )
     out = []
     for step in chain.steps:
         kernel = np.asarray(step.kernel.numpy(), dtype=np.float64)

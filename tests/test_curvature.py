@@ -297,20 +297,20 @@ def test_determinism_same_seed_same_second_derivatives() -> None:
 
 
 def test_unsupported_layers_are_named() -> None:
-    conv = keras.Sequential(
+    conv = keras.Sequential(  # Conv2D is supported (tests/test_conv_curvature.py); Conv1D not
         [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(2, 3, name="my_conv"),
+            keras.Input((8, 1)),
+            keras.layers.Conv1D(2, 3, name="my_conv"),
             keras.layers.Flatten(),
             keras.layers.Dense(3),
         ]
     )
     with pytest.raises(
-        UnsupportedModelError, match=r"'my_conv' of type Conv2D.*supported layers: Dense"
+        UnsupportedModelError, match=r"'my_conv' of type Conv1D.*supported layers: Dense"
     ):
         second_derivatives(
             conv,
-            np.zeros((2, 8, 8, 1)),
+            np.zeros((2, 8, 1)),
             np.zeros(2, int),
             method="lecun",
             loss="softmax_cross_entropy",
