@@ -130,15 +130,13 @@ class Chain:
     model: keras.Model
     steps: tuple[WeightedStep, ...]
     input_shape: tuple[int, ...]
-    ops: tuple[Step, ...] = ()
-    shapes: tuple[tuple[int, ...], ...] = ()
-    output_shape: tuple[int, ...] = ()
+    ops: tuple[Step, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    output_shape: tuple[int, ...]
 
     @property
     def num_outputs(self) -> int:
-        return (
-            int(self.output_shape[-1]) if self.output_shape else int(self.steps[-1].kernel.shape[1])
-        )
+        return int(self.output_shape[-1])
 
     @property
     def dense_only(self) -> bool:
@@ -152,8 +150,13 @@ class Chain:
 
     @property
     def piecewise_linear(self) -> bool:
-        """True when every activation is ReLU or linear (the Hessian diagonal is then Gauss-Newton's)."""
-        return all(step.activation in PIECEWISE_LINEAR for step in self.steps)
+        """True when every activation is ReLU or linear (the Hessian diagonal is then Gauss-Newton's);
+        a softmax on the last layer counts as linear, being part of the cross-entropy loss."""
+        last = self.steps[-1]
+        return all(
+            step.activation in PIECEWISE_LINEAR or (step is last and step.activation == "softmax")
+            for step in self.steps
+        )
 
 
 def _layer_sequence(model: keras.Model) -> list[keras.layers.Layer]:

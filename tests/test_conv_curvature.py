@@ -139,6 +139,27 @@ def test_exact_equals_autodiff_piecewise_linear(name: str) -> None:
     assert rel_error(lecun[last], ref[last]) < 1e-12
 
 
+def test_final_softmax_layer() -> None:
+    """A last Dense layer that applies softmax itself (loss without logits): the softmax is part
+    of the cross-entropy, so the net is still piecewise linear and "exact" its Gauss-Newton."""
+    x, y = data((6, 6, 1))
+    set_determinism(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 1), dtype=F64),
+            conv(2, 3),
+            keras.layers.MaxPooling2D(2, dtype=F64),
+            keras.layers.Flatten(dtype=F64),
+            keras.layers.Dense(4, activation="softmax", dtype=F64),
+        ]
+    )
+    model.compile(loss="sparse_categorical_crossentropy")
+    assert as_chain(model).piecewise_linear
+    ref = autodiff_diagonal(model, x, y)
+    exact = second_derivatives(model, x, y, method="exact")
+    assert max(rel_error(exact[p], ref[p]) for p in ref) < 1e-12
+
+
 def test_exact_equals_autodiff_smooth() -> None:
     """tanh and sigmoid convs (f'' != 0): the exact block recursion against autodiff; LeCun's
     "lecun-full" keeps the f'' term but still drops the cross terms."""
