@@ -1,0 +1,118 @@
+"""Cost of each second-derivative method on a LeNet-5-style network, as a ratio to one gradient pass.
+
+The model: Conv2D 6@5x5 "same" ReLU, MaxPooling2D 2, Conv2D 16@5x5 "valid" ReLU, MaxPooling2D 2,
+Flatten, Dense 120 ReLU, Dense 84 ReLU, Dense 10 (logits), freshly initialised, on random
+MNIST-shaped inputs (28x28x1) and random labels (nothing is downloaded or trained: the costs do
+not depend on the values). In one process a compiled gradient pass
+(``helpers.curvature.gradients``, kernels only) and each method of
+``helpers.curvature.second_derivatives`` are timed side by side, round-robin, and the median of
+the repeats is reported. A sanity check of the cost, not a test: nothing is asserted.
+
+    python -m benchmarks.conv_curvature_speed                  # 2,000 inputs, float32
+    python -m benchmarks.conv_curvature_speed --samples 500 --repeats 2
+
+Expected: ``lecun`` about two gradient passes; ``exact`` (ReLU: the Gauss-Newton diagonal with
+per-sample, per-class filter gradients) about K = 10 gradient passes' worth of backward work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from helpers.curvature import DEFAULT_BATCH_SIZE, gradients, second_derivatives
+from helpers.network import prunable_kernels
+from helpers.runtime import keras, set_determinism, tf
+
+
+def lenet5(dtype: str = "float32", seed: int = 0) -> keras.Sequential:
+    """The LeNet-5-style chain described in the module docstring, compiled with logits CE."""
+    set_determinism(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1), dtype=dtype),
+            keras.layers.Conv2D(6, 5, padding="same", activation="relu", dtype=dtype),
+            keras.layers.MaxPooling2D(2, dtype=dtype),
+            keras.layers.Conv2D(16, 5, activation="relu", dtype=dtype),
+            keras.layers.MaxPooling2D(2, dtype=dtype),
+            keras.layers.Flatten(dtype=dtype),
+            keras.layers.Dense(120, activation="relu", dtype=dtype),
+            keras.layers.Dense(84, activation="relu", dtype=dtype),
+            keras.layers.Dense(10, dtype=dtype),
+        ],
+        name="lenet5",
+    )
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--methods", default="lecun,lecun-full,exact")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    x = rng.random((args.samples, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, size=args.samples)
+    model = lenet5()
+    n_weights = sum(int(np.prod(k.shape)) for k in prunable_kernels(model).values())
+    bs = args.batch_size
+
+    runs: dict[str, Callable[[], object]] = {
+        "gradient": lambda: gradients(model, x, y, batch_size=bs)
+    }
+    for method in args.methods.split(","):
+        runs[method] = lambda m=method: second_derivatives(model, x, y, method=m, batch_size=bs)
+    for fn in runs.values():  # trace and warm up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            times[name].append(_time(fn))
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    grad = median["gradient"]
+
+    devices = [d.device_type for d in tf.config.list_logical_devices()]
+    print(
+        f"TensorFlow {tf.__version__}, {platform.processor() or platform.machine()}, "
+        f"devices {devices}"
+    )
+    print(
+        f"LeNet-5-style model, {n_weights:,} kernel weights, {args.samples:,} random 28x28x1 "
+        f"inputs, batch size {bs}, float32, median of {args.repeats} runs\n"
+    )
+    print(f"{'method':<14}{'seconds':>10}{'x gradient':>12}")
+    for name, seconds in median.items():
+        print(f"{name:<14}{seconds:>10.4f}{seconds / grad:>12.2f}")
+    results = {
+        "samples": args.samples,
+        "batch_size": bs,
+        "repeats": args.repeats,
+        "devices": devices,
+        "seconds": median,
+        "ratio_to_gradient": {name: seconds / grad for name, seconds in median.items()},
+    }
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
