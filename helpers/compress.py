@@ -2,7 +2,7 @@
 
 A pruned kernel is mostly zeros, but Keras stores it dense: ``.weights.h5`` of a network with
 90% of its weights removed is as large as the unpruned one. This module writes a chain of
-``Dense`` layers (the models :func:`helpers.network.as_chain` accepts) to a single file that
+``Dense`` layers (the Dense-only models :func:`helpers.network.as_chain` accepts) to a file that
 stores only the surviving weights and where they are, reads it back into a fresh Keras model,
 measures the bytes, and runs the stored network with ``scipy.sparse`` CSR matrices.
 
@@ -94,7 +94,7 @@ import scipy.special
 
 from helpers.losses import resolve_loss
 from helpers.models import _save_weights
-from helpers.network import SUPPORTED_ACTIVATIONS, as_chain, check_finite_weights
+from helpers.network import SUPPORTED_ACTIVATIONS, as_chain, check_finite_weights, require_dense
 from helpers.runtime import keras
 
 MAGIC = b"OBDC"
@@ -320,12 +320,14 @@ def encode(model: keras.Model, *, values: str = "float32") -> bytes:
     """The compressed file of ``model`` as bytes (format in the module docstring).
 
     Raises:
-        UnsupportedModelError: ``model`` is not a chain of supported layers (see ``as_chain``).
+        UnsupportedModelError: ``model`` is not a chain of supported ``Dense`` layers (see
+            ``as_chain``; convolutional chains are not supported by this format).
         ValueError: a weight is NaN or infinite, ``values`` is unknown, or a weight does not fit
             in the value format.
     """
     values = check_value_format(values)
     chain = as_chain(model)
+    require_dense(chain, "the compressed format")
     check_finite_weights(model)
     dtype = _MODEL_DTYPES[chain.dtype]
     entries, segments = [], []

@@ -37,24 +37,17 @@ import numpy as np
 
 from helpers.curvature import Method, second_derivatives
 from helpers.evaluate import Evaluator
-from helpers.inputs import check_arrays, label_spec
-from helpers.losses import per_sample_loss, resolve_loss
+from helpers.inputs import check_arrays
 from helpers.models import check_lr_schedule, learning_rate_for
-from helpers.network import Chain, as_chain, prunable_kernels
+from helpers.network import prunable_kernels
 from helpers.pruning import Masks, Scope, apply_masks, check_fraction, check_scope, removal_count
-from helpers.runtime import keras, set_determinism, tf
+from helpers.runtime import keras
 from helpers.saliency import Scores, check_scores, magnitude, obd
+from helpers.training import StepCallback, check_classifier, fit_classifier
 
-#: ``on_step(step, optimizer)``: called after every optimizer step (``step`` counts from 0 over
-#: all epochs), with the optimizer so that its moment variables can be inspected.
-StepCallback = Callable[[int, keras.optimizers.Optimizer], None]
 #: A saliency function: the scores of every kernel weight of a model (lower = pruned sooner).
 Saliency = Callable[[keras.Model], Scores]
 
-#: A compiled training step: ``(order, start) -> (loss sum, correct count)`` of one mini-batch.
-StepFn = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
-#: One epoch: ``order -> (loss sum, correct count)`` over all samples, visited in ``order``.
-EpochFn = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_LEARNING_RATE = 1e-3
@@ -104,97 +97,7 @@ def check_schedule(schedule: Sequence[float]) -> list[float]:
     return fractions
 
 
-def _check_classifier(model: keras.Model) -> Chain:
-    """The model's chain, if it is a supported network retrainable with cross-entropy."""
-    chain = as_chain(model)
-    resolve_loss(model, "softmax_cross_entropy")  # checks the last layer is logits or softmax
-    return chain
-
-
 # --------------------------------------------------------------------------- masked training
-
-
-def _mask_tensors(variables: Sequence[keras.Variable], masks: Masks) -> list[tf.Tensor | None]:
-    """For each trainable variable, its mask as a 0/1 tensor of its dtype (``None``: not masked)."""
-    return [
-        tf.constant(masks[v.path], dtype=v.dtype) if v.path in masks else None for v in variables
-    ]
-
-
-def _train_step(
-    model: keras.Model,
-    chain: Chain,
-    optimizer: keras.optimizers.Optimizer,
-    x: tf.Tensor,
-    y: tf.Tensor,
-    batch_size: int,
-    masks: Masks,
-) -> StepFn:
-    """A compiled step ``(order, start) -> (loss sum, correct count)`` on the batch
-    ``order[start : start + batch_size]`` of ``(x, y)``, traced once."""
-    variables = list(model.trainable_variables)
-    mask_tensors = _mask_tensors(variables, masks)
-    from_logits = chain.steps[-1].activation != "softmax"
-
-    def step(order: tf.Tensor, start: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        indices = order[start : start + batch_size]
-        xb, yb = tf.gather(x, indices), tf.gather(y, indices)
-        with tf.GradientTape() as tape:
-            output = model(xb, training=True)
-            per_sample = per_sample_loss(output, yb, "softmax_cross_entropy", from_logits)
-            loss = tf.reduce_mean(per_sample)
-            if model.losses:  # regularisers, if the model has any
-                loss = loss + tf.add_n(model.losses)
-        grads = tape.gradient(loss, variables)
-        grads = [g if m is None else g * m for g, m in zip(grads, mask_tensors, strict=True)]
-        optimizer.apply(grads, variables)
-        for variable, mask in zip(variables, mask_tensors, strict=True):
-            if mask is not None:
-                variable.assign(variable * mask)
-        correct = tf.equal(tf.argmax(output, axis=-1, output_type=yb.dtype), yb)
-        return tf.reduce_sum(per_sample), tf.reduce_sum(tf.cast(correct, tf.int32))
-
-    signature = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)]
-    return tf.function(step, input_signature=signature)
-
-
-def _compiled_epoch(step: StepFn, n: int, batch_size: int, dtype: str) -> EpochFn:
-    """One pass over the data in a given order as a single graph (a loop over the steps, without
-    a return to Python between them), traced once: about twice as fast as calling ``step`` from
-    Python for the MNIST network."""
-
-    def epoch(order: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        loss_sum, correct = tf.zeros([], dtype=dtype), tf.zeros([], dtype=tf.int32)
-        for start in tf.range(0, n, batch_size):
-            batch_loss, batch_correct = step(order, start)
-            loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
-        return loss_sum, correct
-
-    return tf.function(epoch, input_signature=[tf.TensorSpec([n], tf.int32)])
-
-
-def _observed_epoch(
-    step: StepFn,
-    n: int,
-    batch_size: int,
-    dtype: str,
-    optimizer: keras.optimizers.Optimizer,
-    on_step: StepCallback,
-) -> EpochFn:
-    """The same pass, calling ``step`` from Python and ``on_step`` after each step."""
-    count = 0
-
-    def epoch(order: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        nonlocal count
-        loss_sum, correct = tf.zeros([], dtype=dtype), tf.zeros([], dtype=tf.int32)
-        for start in range(0, n, batch_size):
-            batch_loss, batch_correct = step(order, tf.constant(start, dtype=tf.int32))
-            loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
-            on_step(count, optimizer)
-            count += 1
-        return loss_sum, correct
-
-    return epoch
 
 
 def masked_fit(
@@ -242,7 +145,7 @@ def masked_fit(
         training mode, as Keras reports them) and, with ``validation_data``, ``val_loss`` and
         ``val_accuracy``.
     """
-    chain = _check_classifier(model)
+    chain = check_classifier(model)
     epochs = _non_negative_int(epochs, "epochs")
     batch_size = _positive_int(batch_size, "batch_size")
     learning_rate = _positive_float(learning_rate, "learning_rate")
@@ -250,40 +153,24 @@ def masked_fit(
     seed = _non_negative_int(seed, "seed")
     apply_masks(model, masks)  # validates the masks and zeroes the pruned weights
     kept = {p: np.asarray(masks[p]).astype(bool) for p in prunable_kernels(model)}
-    xa, ya = check_arrays(chain, x, y, "softmax_cross_entropy")
-    evaluator = None if validation_data is None else Evaluator(model, *validation_data)
-
-    set_determinism(seed)
-    rng = np.random.default_rng(seed)
-    n = int(xa.shape[0])
-    steps = max(1, epochs * math.ceil(n / batch_size))
+    x, y = check_arrays(chain, x, y, "softmax_cross_entropy")
+    steps = max(1, epochs * math.ceil(len(x) / batch_size))
     optimizer = keras.optimizers.Adam(
         learning_rate=learning_rate_for(learning_rate, lr_schedule, steps)
     )
-    optimizer.build(model.trainable_variables)
-    x_all = tf.constant(xa, dtype=chain.dtype)
-    y_all = tf.constant(ya, dtype=label_spec(chain, "softmax_cross_entropy").dtype)
-    step = _train_step(model, chain, optimizer, x_all, y_all, batch_size, kept)
-    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
-    if evaluator is not None:
-        history.update(val_loss=[], val_accuracy=[])
-    run_epoch = (
-        _compiled_epoch(step, n, batch_size, chain.dtype)
-        if on_step is None
-        else _observed_epoch(step, n, batch_size, chain.dtype, optimizer, on_step)
+    return fit_classifier(
+        model,
+        optimizer,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        masks=kept,
+        validation_data=validation_data,
+        verbose=verbose,
+        on_step=on_step,
     )
-    for epoch in range(epochs):
-        loss_sum, correct = run_epoch(tf.constant(rng.permutation(n), dtype=tf.int32))
-        history["loss"].append(float(loss_sum) / n)
-        history["accuracy"].append(int(correct) / n)
-        if evaluator is not None:
-            result = evaluator()
-            history["val_loss"].append(result.loss)
-            history["val_accuracy"].append(result.accuracy)
-        if verbose:
-            summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in history.items())
-            print(f"epoch {epoch + 1}/{epochs}: {summary}")
-    return history
 
 
 # --------------------------------------------------------------------------- iterative pruning

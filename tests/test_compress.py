@@ -271,8 +271,12 @@ def test_unsupported_models_and_non_finite_weights() -> None:
             keras.layers.Dense(3),
         ]
     )
-    with pytest.raises(UnsupportedModelError, match="of type Conv2D is not supported"):
+    with pytest.raises(UnsupportedModelError, match=r"Dense layers only.*conv2d"):
         encode(conv)
+    pooled = keras.Sequential([keras.Input((4, 4)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    pooled.add(keras.layers.BatchNormalization())
+    with pytest.raises(UnsupportedModelError, match="BatchNormalization"):
+        encode(pooled)
     model = make_mlp(dtype="float32")
     bias = model.layers[1].bias
     bias.assign(np.full(bias.shape, np.inf, np.float32))
