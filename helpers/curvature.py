@@ -35,10 +35,14 @@ exactly. The methods differ in how they obtain :math:`\partial^2\ell/\partial a_
 ``"autodiff"``
     TensorFlow's own double differentiation through the Keras model: the Jacobian of the
     gradient, taken in chunks of weights, whose diagonal is kept. A brute-force reference for
-    tests and small models; its cost grows with the number of weights. Caveat: with
-    TensorFlow 2.21 this second derivative through a ``MaxPooling2D`` with stride 1 and
-    ``"same"`` padding comes out as zeros for the weights before it (the gradient itself is
-    right); tests/test_conv_curvature.py checks such nets against finite differences instead.
+    tests and small models; its cost grows with the number of weights. It refuses
+    (:class:`~helpers.network.UnsupportedModelError`) the kernels before a ``MaxPooling2D``
+    whose output keeps its input shape (strides 1 with ``"same"`` padding, or a 1x1 pool):
+    TensorFlow's CPU kernel for the second derivative of max pooling (``MaxPoolGradGrad``,
+    TensorFlow 2.21) may then reuse the buffer of its incoming gradient for its output, which it
+    zeroes before reading that gradient, so inside ``tf.function`` those Hessian rows come out as
+    zeros (eagerly the buffer is shared and the result is right). Use ``"exact"`` for them; the
+    tests check it there against finite differences of :func:`gradients`.
 
 Chains with ``Conv2D`` and pooling layers (:mod:`helpers.network`) use the same recursions,
 operation by operation. A convolution weight is shared by all output positions, and its second
@@ -49,7 +53,11 @@ derivative sums over the connections it controls (LeCun, Denker & Solla 1989, Eq
 each sample's per-class filter gradient :math:`(\sum_p z_{in,p}\,\delta_p)^2`, cross terms
 included, at about K gradient passes for K classes (see :func:`_exact_gauss_newton_ops_batch`).
 Max pooling routes to each window's argmax; average pooling's Jacobian has entries
-:math:`1/k`, squared :math:`1/k^2`.
+:math:`1/k`, squared :math:`1/k^2`. At a tie (several inputs of a window equal to its maximum)
+max pooling is not differentiable; TensorFlow's gradient and its second derivative both take the
+first maximal input in row-major order, and so does every method here, so ``"exact"`` and
+``"autodiff"`` agree there too. The usual ties, ReLU outputs of 0, contribute nothing whichever
+input is taken (ReLU'(0) = 0).
 
 Every method is batched over the data (memory independent of its size), compiled with
 ``tf.function`` once per model (later calls and every batch reuse the trace; see
@@ -73,6 +81,7 @@ from helpers.network import (
     DenseStep,
     FlattenStep,
     PoolStep,
+    UnsupportedModelError,
     as_chain,
     check_finite_weights,
 )
@@ -485,6 +494,35 @@ def _exact_block_ops_batch(
     return result[::-1]
 
 
+def _check_autodiff(chain: Chain, paths: Sequence[str], what: str) -> None:
+    """Refuse double differentiation of the kernels ``paths`` where TensorFlow gets it wrong.
+
+    A ``MaxPooling2D`` whose output has its input's shape (strides 1 and ``"same"`` padding, or
+    a 1x1 pool) lets TensorFlow's CPU ``MaxPoolGradGrad`` kernel take over the buffer of its
+    incoming gradient (``forward_input_or_allocate_output``) and zero it before reading it: the
+    Hessian rows of every kernel before that layer come out as zeros inside ``tf.function``,
+    while the kernels after it are unaffected (module docstring).
+    """
+    before: list[str] = []
+    for i, op in enumerate(chain.ops):
+        if isinstance(op, (DenseStep, ConvStep)):
+            before.append(op.path)
+            continue
+        if not (isinstance(op, PoolStep) and op.kind == "max"):
+            continue
+        affected = [p for p in paths if p in before]
+        if affected and chain.shapes[i] == chain.shapes[i + 1]:
+            raise UnsupportedModelError(
+                f"{what} cannot differentiate {affected} twice through MaxPooling2D layer "
+                f"{op.layer.name!r}: its output keeps its input shape {chain.shapes[i]} "
+                f"(pool_size={op.pool_size}, strides={op.strides}, padding={op.padding!r}), "
+                "where TensorFlow's CPU kernel for the second derivative of max pooling "
+                "(MaxPoolGradGrad) reuses its incoming gradient's buffer, zeroes it and silently "
+                "returns zeros; use "
+                "second_derivatives(..., method='exact') for these kernels"
+            )
+
+
 def _model_loss_sum(chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName) -> tf.Tensor:
     """Sum over the batch of the per-sample loss, through the Keras model itself."""
     final_softmax = chain.steps[-1].activation == "softmax"
@@ -637,6 +675,7 @@ def second_derivatives(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     chain, loss_name = _prepare(model, loss)
     if method == "autodiff":
+        _check_autodiff(chain, [step.path for step in chain.steps], 'method="autodiff"')
         return {
             step.path: autodiff_entries(
                 model,
@@ -690,13 +729,16 @@ def autodiff_entries(
 ) -> np.ndarray:
     """Brute-force :math:`\\partial^2\\bar\\ell/\\partial w^2` by double differentiation, for the
     weights of kernel ``path`` at flat ``indices`` (all of them by default), ``chunk_size``
-    Hessian rows at a time. Useful to spot-check a few weights of a large model."""
+    Hessian rows at a time. Useful to spot-check a few weights of a large model. Raises
+    :class:`~helpers.network.UnsupportedModelError` for a kernel before a ``MaxPooling2D`` that
+    keeps its input shape (module docstring: TensorFlow returns zeros there)."""
     chain, loss_name = _prepare(model, loss)
     by_path = {step.path: i for i, step in enumerate(chain.steps)}
     if path not in by_path:
         raise KeyError(
             f"{path!r} is not a prunable kernel of model {model.name!r}; known: {sorted(by_path)}"
         )
+    _check_autodiff(chain, [path], "autodiff_entries")
     layer_index = by_path[path]
     size = math.prod(chain.steps[layer_index].kernel.shape)
     idx = np.arange(size) if indices is None else np.asarray(indices).reshape(-1)
@@ -742,7 +784,9 @@ def hessian_block(
     Rows and columns follow the kernels in the order given, each flattened row-major. The matrix
     has ``P x P`` entries for ``P`` weights in all, so this is for blocks of at most
     ``MAX_BLOCK_WEIGHTS`` weights (e.g. the last layers of the MNIST network), used to measure
-    the cross terms that OBD neglects.
+    the cross terms that OBD neglects. Raises :class:`~helpers.network.UnsupportedModelError`
+    if a kernel in ``paths`` comes before a ``MaxPooling2D`` that keeps its input shape (module
+    docstring: TensorFlow returns zeros for its rows there).
     """
     chain, loss_name = _prepare(model, loss)
     steps = {step.path: step for step in chain.steps}
@@ -752,6 +796,7 @@ def hessian_block(
             f"paths must be distinct prunable kernels of model {model.name!r}; unknown {unknown}, "
             f"known {sorted(steps)}"
         )
+    _check_autodiff(chain, paths, "hessian_block")
     variables = [steps[p].kernel.value for p in paths]
     size = sum(math.prod(v.shape) for v in variables)
     if size > MAX_BLOCK_WEIGHTS:

@@ -3,8 +3,9 @@
 Every net here is tiny and float64 (TensorFlow's float64 convolutions on the CPU), so "equal"
 means to 1e-12 relative: the methods compute the same sums in a different order. References:
 ``method="autodiff"`` (TensorFlow's own double differentiation through the Keras model), and,
-for a stride-1 "same" max pooling, where that double differentiation returns zeros with
-TensorFlow 2.21, central finite differences of the gradient.
+for the kernels before a max pooling that keeps its input shape (stride 1, "same" padding),
+where TensorFlow's ``MaxPoolGradGrad`` CPU kernel returns zeros inside ``tf.function`` and the
+autodiff helpers therefore refuse them, central finite differences of the gradient.
 
 Where LeCun's diagonal recursion must be exact (each kernel weight's second derivative is the sum
 over the connections it controls, LeCun et al. 1989, Eq. 5, and the cross terms between those
@@ -180,9 +181,9 @@ def test_exact_equals_autodiff_smooth() -> None:
 
 def test_exact_through_overlapping_max_pool_matches_finite_differences() -> None:
     """Stride-1 "same" max pooling after a stride-2 conv. TensorFlow's double differentiation
-    (``method="autodiff"``) returns zeros for the conv kernel here, so the reference is the
-    central difference of the gradient (its error, O(eps^2) times the third derivative, is far
-    below the 1e-6 tolerance with eps = 1e-5)."""
+    returns zeros for the conv kernel here (the autodiff helpers refuse it, see the next tests),
+    so the reference is the central difference of the gradient (its error, O(eps^2) times the
+    third derivative, is far below the 1e-6 tolerance with eps = 1e-5)."""
     x, y = data((7, 7, 2))
     layers = [
         conv(3, 3, strides=2, padding="same"),
@@ -208,6 +209,69 @@ def test_exact_through_overlapping_max_pool_matches_finite_differences() -> None
     kernel.assign(w0)
     np.testing.assert_allclose(exact[path].reshape(-1)[flat], fd, rtol=1e-6)
     assert np.min(np.abs(fd)) > 0
+
+
+def test_tensorflow_max_pool_grad_grad_zeros_when_shape_is_kept() -> None:
+    """Why the autodiff helpers refuse some max poolings: inside ``tf.function`` a Hessian-vector
+    product through ``max_pool2d`` with strides 1 and "same" padding (output shape = input
+    shape) is all zeros on the CPU, although the same code run eagerly, or with "valid" padding,
+    is right. TensorFlow's ``MaxPoolGradGrad`` CPU kernel takes over the buffer of its incoming
+    gradient for its output and zeroes it before reading it. If this test fails, TensorFlow has
+    fixed the kernel and ``curvature._check_autodiff`` can be relaxed."""
+    rng = np.random.default_rng(0)
+    x, w, v = (tf.constant(rng.normal(size=(2, 4, 4, 3))) for _ in range(3))
+
+    def hvp(w: tf.Tensor, padding: str) -> tf.Tensor:
+        with tf.GradientTape() as outer:
+            outer.watch(w)
+            with tf.GradientTape() as inner:
+                inner.watch(w)
+                loss = tf.reduce_sum(tf.square(tf.nn.max_pool2d(x * w, 2, 1, padding)))
+            directional = tf.reduce_sum(inner.gradient(loss, w) * v)
+        return outer.gradient(directional, w)
+
+    with tf.device("/CPU:0"):
+        for padding in ("SAME", "VALID"):
+            eager = hvp(w, padding).numpy()
+            compiled = tf.function(hvp)(w, padding).numpy()
+            assert np.max(np.abs(eager)) > 1
+            if padding == "SAME":
+                assert np.all(compiled == 0)
+            else:
+                np.testing.assert_allclose(compiled, eager, rtol=1e-12)
+
+
+SHAPE_KEEPING_POOLS = {
+    "2x2-stride1-same": lambda: keras.layers.MaxPooling2D(
+        2, strides=1, padding="same", dtype=F64, name="keep"
+    ),
+    "3x3-stride1-same": lambda: keras.layers.MaxPooling2D(
+        3, strides=1, padding="same", dtype=F64, name="keep"
+    ),
+    "1x1": lambda: keras.layers.MaxPooling2D(1, dtype=F64, name="keep"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPE_KEEPING_POOLS))
+def test_autodiff_refuses_kernels_before_a_shape_keeping_max_pool(name: str) -> None:
+    """The autodiff helpers used to return zeros for the first conv kernel here; now they name
+    the pooling layer and point to "exact". The kernels after the pooling are unaffected."""
+    x, y = data((7, 7, 2))
+    layers = [conv(3, 3, strides=2, padding="same"), SHAPE_KEEPING_POOLS[name](), conv(2, 2)]
+    model = build((7, 7, 2), layers)
+    first, second, _ = prunable_kernels(model)
+    message = r"MaxPooling2D layer 'keep'.*keeps its input shape \(4, 4, 3\).*method='exact'"
+    with pytest.raises(UnsupportedModelError, match=message):
+        second_derivatives(model, x, y, method="autodiff")
+    with pytest.raises(UnsupportedModelError, match=rf"autodiff_entries.*'{first}'.*{message}"):
+        autodiff_entries(model, x, y, path=first, indices=np.array([0, 7]))
+    with pytest.raises(UnsupportedModelError, match=rf"hessian_block.*'{first}'.*{message}"):
+        hessian_block(model, x, y, paths=[second, first])
+
+    exact = second_derivatives(model, x, y, method="exact")
+    assert np.min(np.abs(exact[first])) > 0  # what autodiff returned as zeros
+    entries = autodiff_entries(model, x, y, path=second, indices=np.array([0, 5, 17]))
+    np.testing.assert_allclose(entries, exact[second].reshape(-1)[[0, 5, 17]], rtol=1e-12)
 
 
 @pytest.mark.parametrize(
