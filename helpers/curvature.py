@@ -768,6 +768,70 @@ def autodiff_entries(
 MAX_BLOCK_WEIGHTS = 12_000
 
 
+def _is_last_two_block(chain: Chain, paths: Sequence[str]) -> bool:
+    """Whether ``paths`` are the last two kernels of a Dense chain ending in logits."""
+    return (
+        chain.dense_only
+        and len(chain.steps) >= 2
+        and list(paths) == [chain.steps[-2].path, chain.steps[-1].path]
+        and chain.steps[-1].activation in ("linear", "softmax")
+    )
+
+
+def _last_two_block_batch(chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName) -> tf.Tensor:
+    """The Hessian of the loss summed over the batch w.r.t. the last two kernels, in closed form.
+
+    Notation per sample: u (J) the input of the next-to-last layer, a = u V + b its
+    pre-activation (I), h = f(a), z = h W + c the logits (C), g = dl/dz, S = d2l/dz2 = sum_k
+    s_k s_k^T (the loss factor of :func:`helpers.losses.output_boundary`), t_k = f'(a) * (W s_k).
+    With every index pair written out (V[j,i], W[i,c]):
+
+    - W-W: sum h_i h_i' S_cc'
+    - V-V: sum u_j u_j' (sum_k t_ki t_ki' + delta_ii' f''(a_i) (W g)_i)
+    - V-W: sum u_j h_i' sum_k t_ki s_kc + delta_ii' u_j f'(a_i) g_c
+
+    The last term is the one Gauss-Newton leaves out: z is bilinear in (V, W), so
+    d2z_c / dV[j,i] dW[i,c] = u_j f'(a_i) is not zero even for ReLU. Each sum over samples is one
+    matrix product of per-sample outer products (u u^T with the I x I curvature, and so on): about
+    N J^2 I^2 multiply-adds for the V-V block, instead of one Hessian-vector product per row.
+    """
+    inputs, d1, d2, out = _forward(chain, x)
+    _, g, _, factor = output_boundary(out, y, loss, chain.num_outputs)
+    u, h = inputs[-2], inputs[-1]  # (B, J), (B, I)
+    w = tf.convert_to_tensor(chain.steps[-1].kernel)  # (I, C)
+    f1, f2 = d1[-2], d2[-2]  # (B, I)
+    s = factor()  # (K, B, C)
+    t = tf.matmul(s, w, transpose_b=True) * f1[None]  # (K, B, I)
+    n_j, n_i, n_c = u.shape[1], h.shape[1], w.shape[1]
+
+    def outer(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:  # (B, p), (B, q) -> (B, p * q)
+        return tf.reshape(a[:, :, None] * b[:, None, :], [tf.shape(a)[0], -1])
+
+    curvature = tf.einsum("kbi,kbl->bil", t, t)  # (B, I, I)
+    curvature += tf.linalg.diag(f2 * tf.matmul(g, w, transpose_b=True))
+    s_out = tf.einsum("kbc,kbd->bcd", s, s)  # (B, C, C)
+    # V-V: [(j, j'), (i, i')] -> [(j, i), (j', i')]
+    vv = tf.matmul(outer(u, u), tf.reshape(curvature, [-1, n_i * n_i]), transpose_a=True)
+    vv = tf.reshape(
+        tf.transpose(tf.reshape(vv, [n_j, n_j, n_i, n_i]), [0, 2, 1, 3]), [n_j * n_i] * 2
+    )
+    # W-W: [(i, i'), (c, c')] -> [(i, c), (i', c')]
+    ww = tf.matmul(outer(h, h), tf.reshape(s_out, [-1, n_c * n_c]), transpose_a=True)
+    ww = tf.reshape(
+        tf.transpose(tf.reshape(ww, [n_i, n_i, n_c, n_c]), [0, 2, 1, 3]), [n_i * n_c] * 2
+    )
+    # V-W: [(j, i'), (i, c)] -> [(j, i), (i', c)], plus the bilinear term on i = i'
+    mixed = tf.einsum("kbi,kbc->bic", t, s)  # (B, I, C)
+    vw = tf.matmul(outer(u, h), tf.reshape(mixed, [-1, n_i * n_c]), transpose_a=True)
+    vw = tf.transpose(tf.reshape(vw, [n_j, n_i, n_i, n_c]), [0, 2, 1, 3])
+    bilinear = tf.einsum("bj,bi,bc->jic", u, f1, g)  # (J, I, C)
+    vw += bilinear[:, :, None, :] * tf.eye(n_i, dtype=u.dtype)[None, :, :, None]
+    vw = tf.reshape(vw, [n_j * n_i, n_i * n_c])
+    return tf.concat(
+        [tf.concat([vv, vw], axis=1), tf.concat([tf.transpose(vw), ww], axis=1)], axis=0
+    )
+
+
 def hessian_block(
     model: keras.Model,
     x: Data,
@@ -777,17 +841,28 @@ def hessian_block(
     batch_size: int = 1000,
     chunk_size: int = 250,
     loss: LossName | None = None,
+    method: Literal["auto", "autodiff"] = "auto",
 ) -> np.ndarray:
     """The exact Hessian of the mean loss with respect to the kernels ``paths`` (cross terms
-    included), by double differentiation through the Keras model.
+    included).
 
     Rows and columns follow the kernels in the order given, each flattened row-major. The matrix
     has ``P x P`` entries for ``P`` weights in all, so this is for blocks of at most
     ``MAX_BLOCK_WEIGHTS`` weights (e.g. the last layers of the MNIST network), used to measure
-    the cross terms that OBD neglects. Raises :class:`~helpers.network.UnsupportedModelError`
-    if a kernel in ``paths`` comes before a ``MaxPooling2D`` that keeps its input shape (module
-    docstring: TensorFlow returns zeros for its rows there).
+    the cross terms that OBD neglects.
+
+    With ``method="autodiff"`` it is computed by double differentiation through the Keras model
+    (one Hessian-vector product per row, ``chunk_size`` rows at a time). With ``"auto"`` (the
+    default) the block of the **last two** ``Dense`` kernels, in that order, of a Dense chain
+    whose last layer gives logits (or is softmax folded into cross-entropy) is instead assembled
+    from its closed form (:func:`_last_two_block_batch`): the same matrix, about five times
+    faster for the MNIST network's 3,000 x 3,000 block; any other block uses autodiff.
+    Raises :class:`~helpers.network.UnsupportedModelError` if a kernel in ``paths`` comes before
+    a ``MaxPooling2D`` that keeps its input shape (module docstring: TensorFlow returns zeros
+    for its rows there).
     """
+    if method not in ("auto", "autodiff"):
+        raise ValueError(f"method must be 'auto' or 'autodiff', got {method!r}")
     chain, loss_name = _prepare(model, loss)
     steps = {step.path: step for step in chain.steps}
     unknown = [p for p in paths if p not in steps]
@@ -805,6 +880,21 @@ def hessian_block(
         )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if method == "auto" and _is_last_two_block(chain, paths):
+        fn = _compiled(
+            chain,
+            f"hessian-last-two/{loss_name}",
+            lambda: tf.function(
+                lambda xb, yb: [_last_two_block_batch(chain, xb, yb, loss_name)],
+                input_signature=[
+                    tf.TensorSpec((None, *chain.input_shape), chain.dtype),
+                    label_spec(chain, loss_name),
+                ],
+            ),
+        )
+        data, _ = batches(chain, x, y, loss_name, batch_size)
+        (total,), n = _accumulate(chain, data, fn)
+        return (total / n).numpy()
 
     def build() -> Callable:
         def rows(xb: tf.Tensor, yb: tf.Tensor, idx: tf.Tensor) -> tf.Tensor:

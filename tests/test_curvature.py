@@ -14,7 +14,7 @@ from helpers.curvature import (
     tracing_counts,
 )
 from helpers.losses import output_boundary
-from helpers.network import UnsupportedModelError
+from helpers.network import UnsupportedModelError, as_chain
 from helpers.runtime import keras, set_determinism, tf
 
 
@@ -469,3 +469,35 @@ def test_softmax_curvature_boundary_keeps_its_digits_for_confident_outputs() -> 
         tf.constant(logits, tf.float32), tf.constant([0, 1, 1]), "softmax_cross_entropy", 4
     )
     np.testing.assert_allclose(s_diag.numpy(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("activation", "loss", "hidden", "dropout"),
+    [
+        ("relu", "softmax_cross_entropy", (6, 5), 0.0),
+        ("relu", "softmax_cross_entropy", (6, 5, 3), 0.3),
+        ("tanh", "mse", (6, 5), 0.0),
+        ("sigmoid", "softmax_cross_entropy", (5,), 0.0),
+    ],
+)
+def test_hessian_block_closed_form_for_the_last_two_layers_equals_autodiff(
+    activation: str, loss: str, hidden: tuple, dropout: float, classification_data
+) -> None:
+    """The closed-form block of the last two kernels (with the bilinear V-W term and, for
+    tanh/sigmoid, the f'' term) is the double-differentiation Hessian, entry for entry."""
+    from helpers.curvature import hessian_block
+
+    x, labels = classification_data
+    y = labels if loss == "softmax_cross_entropy" else np.eye(4)[labels] + 0.1 * x[:, :4]
+    model = make_mlp(hidden=hidden, activation=activation, loss=loss, dropout=dropout)
+    paths = [step.path for step in as_chain(model).steps[-2:]]
+    closed = hessian_block(model, x, y, paths=paths, batch_size=10)
+    brute = hessian_block(model, x, y, paths=paths, batch_size=10, method="autodiff")
+    assert np.abs(closed).max() > 1e-3
+    np.testing.assert_allclose(closed, brute, rtol=1e-10, atol=1e-13 * np.abs(brute).max())
+    # another block (here the reversed order) goes through autodiff whatever the method
+    reversed_ = hessian_block(model, x, y, paths=paths[::-1])
+    n_last = as_chain(model).steps[-1].kernel.shape.num_elements()
+    np.testing.assert_allclose(reversed_[:n_last, :n_last], brute[-n_last:, -n_last:], rtol=1e-10)
+    with pytest.raises(ValueError, match="method must be 'auto' or 'autodiff'"):
+        hessian_block(model, x, y, paths=paths, method="exact")
