@@ -48,13 +48,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# the curvature module's chain checks and Dense forward pass (same package, shared on purpose)
+from helpers.curvature import DEFAULT_BATCH_SIZE
+from helpers.curvature import _forward as _dense_forward
+from helpers.curvature import _prepare as _curvature_prepare
 from helpers.distribute import sum_over_batches
 from helpers.inputs import Data, batches, label_spec, progress_bar
-from helpers.losses import LossName, output_boundary, per_sample_loss, resolve_loss
-from helpers.network import Chain, as_chain, check_finite_weights
+from helpers.losses import LossName, output_boundary, per_sample_loss
+from helpers.network import Chain, as_chain, require_dense
 from helpers.runtime import keras, tf
 
-DEFAULT_BATCH_SIZE = 2000
 MAX_SEED = 2**31 - 1
 _EMPTY = "the data is empty: curvature of a mean over zero samples is undefined"
 
@@ -81,39 +84,22 @@ def _seed(value: object) -> int:
 
 
 def _prepare(model: keras.Model, loss: str | None) -> tuple[Chain, LossName]:
-    chain = as_chain(model)
-    resolved = resolve_loss(model, loss)
-    check_finite_weights(model)
+    """The model's chain and loss, as :mod:`helpers.curvature` checks them, Dense layers only."""
+    chain, resolved = _curvature_prepare(model, loss)
+    require_dense(chain, "the approximate curvature estimators")
     return chain, resolved
 
 
 # --------------------------------------------------------------------------------------------
-# Forward pass and squared per-sample gradients of Dense kernels
+# Squared per-sample gradients of Dense kernels (forward pass: helpers.curvature's)
 # --------------------------------------------------------------------------------------------
 
 
 def _forward(chain: Chain, x: tf.Tensor) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
-    """Layer inputs z_{l-1}, f'(a_l) for every Dense step, and the output o (logits).
-
-    f' is the activation's own TensorFlow derivative (elementwise, so the gradient of the sum);
-    a final softmax is part of the loss and treated as the identity here.
-    """
-    z = tf.reshape(x, [-1, math.prod(chain.input_shape)])
-    inputs, slopes = [], []
-    for step in chain.steps:
-        inputs.append(z)
-        a = tf.matmul(z, tf.convert_to_tensor(step.kernel))
-        if step.bias is not None:
-            a = a + tf.convert_to_tensor(step.bias)
-        if step.activation in ("linear", "softmax"):
-            z, slope = a, tf.ones_like(a)
-        else:
-            with tf.GradientTape() as tape:
-                tape.watch(a)
-                z = step.layer.activation(a)
-            slope = tape.gradient(z, a)
-        slopes.append(slope)
-    return inputs, slopes, z
+    """Layer inputs z_{l-1}, f'(a_l) for every Dense step, and the output o (logits); a final
+    softmax is part of the loss and treated as the identity."""
+    inputs, slopes, _, out = _dense_forward(chain, x)
+    return inputs, slopes, out
 
 
 def _squared_gradient_sums(

@@ -314,3 +314,23 @@ def test_bad_arguments_are_named() -> None:
         out_of_range = tf.data.Dataset.from_tensor_slices((x, np.full(12, 3))).batch(5)
         with pytest.raises(tf.errors.InvalidArgumentError, match="labels must be < 3"):
             estimator(model, out_of_range)
+
+
+def test_convolutional_models_are_refused_by_name() -> None:
+    """The estimators backpropagate through Dense layers only: a Conv2D chain (which the
+    curvature module accepts) is refused with an error naming the layers, not mis-computed."""
+    from helpers.network import UnsupportedModelError
+
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            keras.layers.Conv2D(2, 3, name="conv"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = np.zeros((4, 6, 6, 1), np.float32), np.zeros(4, np.int64)
+    for estimate in (empirical_fisher, monte_carlo_fisher, hutchinson):
+        with pytest.raises(UnsupportedModelError, match=r"Dense layers only.*conv"):
+            estimate(model, x, y)
