@@ -15,24 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.timing import median_seconds
 from helpers.approximations import empirical_fisher, fidelity, hutchinson, monte_carlo_fisher
 from helpers.curvature import DEFAULT_BATCH_SIZE, gradients, second_derivatives
 from helpers.data import load_mnist
 from helpers.experiments import trained_model
 from helpers.network import prunable_kernels
 from helpers.runtime import set_determinism, tf
-
-
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,11 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     }
     results = {name: fn() for name, fn in runs.items()}  # trace, warm up, and keep the values
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(_timed(fn)[0])
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    median = median_seconds(runs, args.repeats, warm_up=False)
     grad = median["gradient"]
     exact = results["exact"]
     scores = {

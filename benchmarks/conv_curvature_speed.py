@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.timing import median_seconds
 from helpers.curvature import DEFAULT_BATCH_SIZE, gradients, second_derivatives
 from helpers.network import prunable_kernels
 from helpers.runtime import keras, set_determinism, tf
@@ -52,12 +51,6 @@ def lenet5(dtype: str = "float32", seed: int = 0) -> keras.Sequential:
     return model
 
 
-def _time(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2000)
@@ -79,13 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for method in args.methods.split(","):
         runs[method] = lambda m=method: second_derivatives(model, x, y, method=m, batch_size=bs)
-    for fn in runs.values():  # trace and warm up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(_time(fn))
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    median = median_seconds(runs, args.repeats)
     grad = median["gradient"]
 
     devices = [d.device_type for d in tf.config.list_logical_devices()]

@@ -17,23 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.timing import median_seconds
 from helpers.curvature import DEFAULT_BATCH_SIZE, autodiff_entries, gradients, second_derivatives
 from helpers.data import load_mnist
 from helpers.models import build_mlp, train_mlp
 from helpers.network import prunable_kernels
 from helpers.runtime import set_determinism, tf
-
-
-def _time(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,14 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
             chunk_size=args.autodiff_weights,
         ),
     }
-    for fn in runs.values():  # trace and warm up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(_time(fn))
-    median = {name: statistics.median(ts) for name, ts in times.items()}
-    autodiff_total = median.pop("autodiff (sample)") / args.autodiff_weights * n_weights
+    median = median_seconds(runs, args.repeats)
+    per_weight = median.pop("autodiff (sample)") / args.autodiff_weights
+    autodiff_total = per_weight * n_weights
     grad = median["gradient"]
 
     print(
@@ -92,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<28}{seconds:>10.3f}{seconds / grad:>12.2f}")
     print(
         f"{'autodiff (extrapolated)':<28}{autodiff_total:>10.1f}{autodiff_total / grad:>12.0f}"
-        f"   ({median_per_weight(times, args) * 1e3:.2f} ms per weight, "
+        f"   ({per_weight * 1e3:.2f} ms per weight, "
         f"from {args.autodiff_weights} weights)"
     )
     results = {
@@ -108,10 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
     return results
-
-
-def median_per_weight(times: dict[str, list[float]], args: argparse.Namespace) -> float:
-    return statistics.median(times["autodiff (sample)"]) / args.autodiff_weights
 
 
 if __name__ == "__main__":

@@ -48,10 +48,10 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
-class DenseStep:
-    """One ``Dense`` layer of a chain: ``z_out = activation(z_in @ kernel + bias)``."""
+class WeightedStep:
+    """A layer with a prunable kernel, an optional bias and an activation."""
 
-    layer: keras.layers.Dense
+    layer: keras.layers.Layer
     activation: str
 
     @property
@@ -69,30 +69,20 @@ class DenseStep:
 
 
 @dataclass(frozen=True)
-class ConvStep:
+class DenseStep(WeightedStep):
+    """One ``Dense`` layer of a chain: ``z_out = activation(z_in @ kernel + bias)``."""
+
+
+@dataclass(frozen=True)
+class ConvStep(WeightedStep):
     """One ``Conv2D`` layer: ``z_out = activation(conv2d(z_in, kernel, strides, padding) + bias)``.
 
     ``padding`` is TensorFlow's spelling (``"VALID"`` or ``"SAME"``); the kernel has shape
     ``(kh, kw, c_in, c_out)`` and each of its weights is shared by every output position.
     """
 
-    layer: keras.layers.Conv2D
-    activation: str
     strides: tuple[int, int]
     padding: str
-
-    @property
-    def kernel(self) -> keras.Variable:
-        return self.layer.kernel
-
-    @property
-    def bias(self) -> keras.Variable | None:
-        return self.layer.bias if self.layer.use_bias else None
-
-    @property
-    def path(self) -> str:
-        """The kernel variable's path, the key used in every score dictionary."""
-        return self.layer.kernel.path
 
 
 @dataclass(frozen=True)
@@ -113,7 +103,6 @@ class FlattenStep:
     layer: keras.layers.Layer
 
 
-WeightedStep = DenseStep | ConvStep
 Step = DenseStep | ConvStep | PoolStep | FlattenStep
 
 

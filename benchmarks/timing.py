@@ -1,0 +1,28 @@
+"""Side-by-side timing shared by the benchmarks: medians of round-robin repeats."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+
+def median_seconds(
+    runs: Mapping[str, Callable[[], object]], repeats: int, *, warm_up: bool = True
+) -> dict[str, float]:
+    """The median wall-clock seconds of each call in ``runs``.
+
+    Each repeat calls every function once, in order (round robin), so a slow drift of the
+    machine's speed affects all of them alike and their ratios stay meaningful. With
+    ``warm_up`` each function is first called once untimed (tracing, caches).
+    """
+    if warm_up:
+        for fn in runs.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
