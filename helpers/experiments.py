@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -159,10 +160,15 @@ def pruning_curves(
 
 
 def save_curves(curves: Sequence[Curves], path: str | os.PathLike[str]) -> None:
-    """Write the curves to a JSON file (the numbers behind a figure)."""
-    with open(path, "w", encoding="utf-8") as f:
+    """Write the curves to a JSON file (the numbers behind a figure). The file is written beside
+    its destination and renamed over it, so a process reading it meanwhile (another notebook run
+    in parallel) sees the old or the new file, never half of one."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temp, "w", encoding="utf-8") as f:
         json.dump([c.as_dict() for c in curves], f, indent=1)
         f.write("\n")
+    os.replace(temp, path)
 
 
 def load_curves(path: str | os.PathLike[str]) -> list[Curves]:

@@ -2,7 +2,8 @@
 
 :func:`masked_fit` trains a model whose kernels carry keep-masks (the format of
 :mod:`helpers.pruning`: ``{kernel path: bool array}``, ``True`` = kept). It uses a **fresh** Adam
-optimizer, so both moment estimates start at zero, and multiplies every kernel gradient by its
+optimizer (a new one, or the one it used last on this model with zeroed state, so the compiled
+step is reused), so both moment estimates start at zero, and multiplies every kernel gradient by its
 mask before the update. A pruned entry therefore has gradient 0, first moment
 :math:`m = \\beta_1 m + (1-\\beta_1)\\cdot 0 = 0` and second moment :math:`v = 0` at every step,
 and its Adam update :math:`m / (\\sqrt v + \\epsilon)` is exactly 0: the weight never moves off
@@ -21,6 +22,12 @@ one-element schedule with the whole epoch budget::
                                 epochs_per_round=1, saliency=...)   # same budget: 6 epochs
 
 :func:`obd_saliency` and :func:`magnitude_saliency` make the ``saliency`` callables.
+
+**Distillation.** :func:`teacher_targets` records a teacher's logits on the training images (for
+example the dense network's, before it is pruned); passed as ``distill=`` to :func:`masked_fit`
+or :func:`iterative_prune`, retraining minimises Hinton et al.'s (2015) mix of the hard
+cross-entropy and the cross-entropy to the teacher's softened outputs
+(:mod:`helpers.training`), so the pruned network is pulled towards what the dense one computed.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from helpers.network import prunable_kernels
 from helpers.pruning import Masks, Scope, apply_masks, check_fraction, check_scope, removal_count
 from helpers.runtime import keras
 from helpers.saliency import Scores, check_scores, magnitude, obd
-from helpers.training import StepCallback, check_classifier, fit_classifier
+from helpers.training import SoftTargets, StepCallback, check_classifier, fit_classifier
 
 #: A saliency function: the scores of every kernel weight of a model (lower = pruned sooner).
 Saliency = Callable[[keras.Model], Scores]
@@ -51,6 +58,9 @@ Saliency = Callable[[keras.Model], Scores]
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_DISTILL_WEIGHT = 0.9
+_TEACHER_BATCH_SIZE = 2000
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -97,7 +107,97 @@ def check_schedule(schedule: Sequence[float]) -> list[float]:
     return fractions
 
 
+# --------------------------------------------------------------------------- distillation
+
+
+def teacher_targets(
+    teacher: keras.Model,
+    x: np.ndarray,
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    weight: float = DEFAULT_DISTILL_WEIGHT,
+) -> SoftTargets:
+    r"""The teacher's logits on ``x`` (inference mode), for ``distill=`` in :func:`masked_fit`.
+
+    They are computed now, so pruning the teacher afterwards (it may be the very model that is
+    about to be pruned) does not change them. A teacher ending in softmax gives the log of its
+    probabilities, which softmax maps back to the same distribution.
+
+    Args:
+        teacher: a supported classifier (:mod:`helpers.network`).
+        x: the training images ``(N, *input_shape)`` retraining will use, in the same order.
+        temperature: :math:`T > 0`; higher spreads the teacher's probability over more classes.
+        weight: :math:`\alpha \in [0, 1]`, the share of the soft term (0: plain cross-entropy).
+    """
+    chain = check_classifier(teacher)
+    temperature = _positive_float(temperature, "temperature")
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight <= 1:
+        raise ValueError(f"weight must be a number in [0, 1], got {weight!r}")
+    xa = np.asarray(x, dtype=chain.dtype)
+    if xa.ndim < 1 or xa.shape[1:] != tuple(chain.input_shape):
+        raise ValueError(
+            f"x must have shape (N, {', '.join(map(str, chain.input_shape))}), got {xa.shape}"
+        )
+    outputs = [
+        keras.ops.convert_to_numpy(teacher(xa[i : i + _TEACHER_BATCH_SIZE], training=False))
+        for i in range(0, len(xa), _TEACHER_BATCH_SIZE)
+    ]
+    logits = np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=chain.dtype)
+    if chain.steps[-1].activation == "softmax":
+        with np.errstate(divide="ignore"):
+            logits = np.log(logits)
+        logits = np.maximum(logits, np.finfo(logits.dtype).min)  # log 0 -> a large negative
+    if not np.all(np.isfinite(logits)):
+        raise ValueError("the teacher's outputs are not finite (check its weights)")
+    return SoftTargets(logits=logits, temperature=temperature, weight=float(weight))
+
+
+def _check_distill(distill: object, n: int, classes: int) -> SoftTargets | None:
+    """``distill`` if it is ``None`` or :class:`SoftTargets` for ``n`` samples and ``classes``."""
+    if distill is None:
+        return None
+    if not isinstance(distill, SoftTargets):
+        raise ValueError(
+            f"distill must come from teacher_targets(...), got {type(distill).__name__}"
+        )
+    if distill.logits.shape != (n, classes):
+        raise ValueError(
+            f"distill has the teacher's logits for shape {distill.logits.shape}, but retraining "
+            f"has {n} samples and {classes} classes: compute them on the same x"
+        )
+    return distill
+
+
 # --------------------------------------------------------------------------- masked training
+
+
+_OPTIMIZERS_ATTRIBUTE = "_helpers_retrain_optimizers"
+_OPTIMIZERS_PER_MODEL = 4
+
+
+def _fresh_adam(
+    model: keras.Model, learning_rate: float, lr_schedule: str, steps: int
+) -> keras.optimizers.Adam:
+    """An Adam optimizer for ``model`` in the state of a new one: step count and both moments
+    zero. The one used last for the same model and settings is reset and returned, so
+    :func:`helpers.training.fit_classifier` reuses its compiled step (tracing a new graph each
+    round of :func:`iterative_prune` cost about as much as an epoch)."""
+    cache: dict[tuple, keras.optimizers.Adam] = model.__dict__.get(_OPTIMIZERS_ATTRIBUTE, {})
+    object.__setattr__(model, _OPTIMIZERS_ATTRIBUTE, cache)  # not a Keras-tracked attribute
+    key = (learning_rate, lr_schedule, steps, tuple(v.path for v in model.trainable_variables))
+    optimizer = cache.pop(key, None)
+    if optimizer is None:
+        optimizer = keras.optimizers.Adam(
+            learning_rate=learning_rate_for(learning_rate, lr_schedule, steps)
+        )
+    else:
+        for variable in optimizer.variables:
+            if variable.name != "learning_rate":  # the iteration count and the moments
+                variable.assign(np.zeros(variable.shape, variable.dtype))
+    cache[key] = optimizer
+    while len(cache) > _OPTIMIZERS_PER_MODEL:
+        del cache[next(iter(cache))]
+    return optimizer
 
 
 def masked_fit(
@@ -114,6 +214,7 @@ def masked_fit(
     verbose: int = 0,
     validation_data: tuple[np.ndarray, np.ndarray] | None = None,
     on_step: StepCallback | None = None,
+    distill: SoftTargets | None = None,
 ) -> dict[str, list[float]]:
     """Train ``model`` in place with its pruned kernel weights held at exactly zero.
 
@@ -139,11 +240,13 @@ def masked_fit(
         on_step: called as ``on_step(step, optimizer)`` after every optimizer step. Without it
             each epoch runs as one compiled loop; with it the same compiled step is called from
             Python (slower, same updates).
+        distill: :func:`teacher_targets` on this ``x``: minimise the distillation loss instead
+            of the plain cross-entropy (module docstring).
 
     Returns:
-        Per-epoch lists ``loss`` and ``accuracy`` (means over the epoch's mini-batches, in
-        training mode, as Keras reports them) and, with ``validation_data``, ``val_loss`` and
-        ``val_accuracy``.
+        Per-epoch lists ``loss`` (the plain cross-entropy, also when distilling) and
+        ``accuracy`` (means over the epoch's mini-batches, in training mode, as Keras reports
+        them) and, with ``validation_data``, ``val_loss`` and ``val_accuracy``.
     """
     chain = check_classifier(model)
     epochs = _non_negative_int(epochs, "epochs")
@@ -154,10 +257,9 @@ def masked_fit(
     apply_masks(model, masks)  # validates the masks and zeroes the pruned weights
     kept = {p: np.asarray(masks[p]).astype(bool) for p in prunable_kernels(model)}
     x, y = check_arrays(chain, x, y, "softmax_cross_entropy")
+    distill = _check_distill(distill, len(x), chain.num_outputs)
     steps = max(1, epochs * math.ceil(len(x) / batch_size))
-    optimizer = keras.optimizers.Adam(
-        learning_rate=learning_rate_for(learning_rate, lr_schedule, steps)
-    )
+    optimizer = _fresh_adam(model, learning_rate, lr_schedule, steps)
     return fit_classifier(
         model,
         optimizer,
@@ -170,6 +272,7 @@ def masked_fit(
         validation_data=validation_data,
         verbose=verbose,
         on_step=on_step,
+        soft_targets=distill,
     )
 
 
@@ -271,6 +374,7 @@ def iterative_prune(
     x_test: np.ndarray | None = None,
     y_test: np.ndarray | None = None,
     scope: Scope = "global",
+    distill: SoftTargets | None = None,
 ) -> list[RoundResult]:
     """Prune ``model`` (in place) to each fraction of ``schedule`` in turn, retraining after each.
 
@@ -290,6 +394,8 @@ def iterative_prune(
             :func:`masked_fit` (a ``"cosine"`` schedule restarts in every round).
         x_test, y_test: if given, test accuracy is measured before and after each retraining.
         scope: ``"global"`` ranks all kernels together, ``"layer"`` each kernel on its own.
+        distill: :func:`teacher_targets` of a teacher on ``x`` (the same targets every round),
+            or ``None`` for plain cross-entropy.
 
     Returns:
         One :class:`RoundResult` per fraction of the schedule.
@@ -320,6 +426,7 @@ def iterative_prune(
             learning_rate=learning_rate,
             lr_schedule=lr_schedule,
             seed=seed + r,
+            distill=distill,
         )
         after = None if evaluator is None else evaluator().accuracy
         results.append(
@@ -356,9 +463,12 @@ def magnitude_saliency() -> Saliency:
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_DISTILL_WEIGHT",
     "DEFAULT_LEARNING_RATE",
+    "DEFAULT_TEMPERATURE",
     "RoundResult",
     "Saliency",
+    "SoftTargets",
     "StepCallback",
     "check_schedule",
     "iterative_prune",
@@ -366,4 +476,5 @@ __all__ = [
     "masked_fit",
     "obd_saliency",
     "shrink_masks",
+    "teacher_targets",
 ]

@@ -1,4 +1,4 @@
-"""A compiled training loop for the classifiers the helpers support: one graph per epoch.
+r"""A compiled training loop for the classifiers the helpers support: one graph per epoch.
 
 Keras' ``model.fit`` returns to Python (and to its data pipeline and callbacks) around every
 mini-batch. For the small MNIST network that overhead is larger than the arithmetic: on two CPU
@@ -11,11 +11,19 @@ mini-batch, forward and backward pass, optimizer update) without leaving the gra
 weight decay) and :func:`helpers.retrain.masked_fit` (retraining with pruned weights held at
 zero: each kernel gradient is multiplied by its 0/1 mask before the update, and the mask is
 multiplied into the kernel after it).
+
+With ``soft_targets`` the loss of each sample is Hinton et al.'s (2015) distillation loss,
+:math:`(1-\alpha)\,\mathrm{CE}(y, \sigma(z)) + \alpha\,T^2\,\mathrm{CE}(\sigma(t/T), \sigma(z/T))`
+for the model's logits :math:`z`, a teacher's logits :math:`t`, temperature :math:`T` and weight
+:math:`\alpha` (:math:`\sigma` is the softmax; :math:`T^2` keeps the soft term's gradient on the
+scale of the hard one). :mod:`helpers.retrain` uses it to retrain a pruned network towards the
+dense network it came from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,43 +49,88 @@ def check_classifier(model: keras.Model) -> Chain:
     return chain
 
 
-def _mask_tensors(
-    variables: Sequence[keras.Variable], masks: Mapping[str, np.ndarray]
-) -> list[tf.Tensor | None]:
-    """For each trainable variable, its mask as a 0/1 tensor of its dtype (``None``: not masked)."""
-    return [
-        tf.constant(masks[v.path], dtype=v.dtype) if v.path in masks else None for v in variables
-    ]
+@dataclass(frozen=True)
+class SoftTargets:
+    """A teacher's logits on every training sample ``(N, classes)``, the temperature ``T > 0``
+    and the weight ``alpha`` in ``[0, 1]`` of the soft term (module docstring)."""
+
+    logits: np.ndarray
+    temperature: float
+    weight: float
+
+
+def _distillation_loss(
+    output: tf.Tensor, hard: tf.Tensor, teacher: tf.Tensor, soft: SoftTargets, from_logits: bool
+) -> tf.Tensor:
+    """Per sample, ``(1 - alpha) * hard + alpha * T^2 * CE(softmax(t/T), softmax(z/T))``."""
+    logits = output if from_logits else tf.math.log(output)  # softmax(log p / T) = p^(1/T) / sum
+    t = tf.cast(soft.temperature, output.dtype)
+    soft_ce = -tf.reduce_sum(tf.nn.softmax(teacher / t) * tf.nn.log_softmax(logits / t), axis=-1)
+    return (1.0 - soft.weight) * hard + soft.weight * t * t * soft_ce
+
+
+#: How many times a training step has been traced in this process (tests check the reuse below).
+traces = 0
+#: Compiled graphs kept per model (the most recently used); each keeps its optimizer alive.
+_GRAPHS_PER_MODEL = 4
+_GRAPHS_ATTRIBUTE = "_helpers_training_graphs"
+
+
+@dataclass
+class _Graphs:
+    """What one compiled training step captures: the optimizer it applies, and variables that
+    hold the data, the masks and the teacher's logits, so a later call with other values of the
+    same shapes assigns them instead of tracing a new graph."""
+
+    optimizer: keras.optimizers.Optimizer
+    data: tuple[tf.Variable, tf.Variable]
+    masks: list[tf.Variable | None]
+    teacher: tf.Variable | None
+    step: StepFn
+    epochs: dict[int, EpochFn]
+
+
+def _variable(value: np.ndarray, dtype: str | tf.DType) -> tf.Variable:
+    return tf.Variable(tf.constant(value, dtype=dtype), trainable=False)
 
 
 def _train_step(
     model: keras.Model,
     chain: Chain,
     optimizer: keras.optimizers.Optimizer,
-    x: tf.Tensor,
-    y: tf.Tensor,
+    x: tf.Variable,
+    y: tf.Variable,
     batch_size: int,
-    masks: Mapping[str, np.ndarray],
+    masks: Sequence[tf.Variable | None],
+    teacher: tf.Variable | None = None,
+    soft: SoftTargets | None = None,
 ) -> StepFn:
     """A compiled step ``(order, start) -> (loss sum, correct count)`` on the batch
-    ``order[start : start + batch_size]`` of ``(x, y)``, traced once."""
+    ``order[start : start + batch_size]`` of ``(x, y)``, traced once. ``masks`` has one entry
+    per trainable variable (``None``: not masked). The loss sum is always the hard
+    cross-entropy (what is reported); with ``soft`` the gradient is the distillation loss's."""
     variables = list(model.trainable_variables)
-    mask_tensors = _mask_tensors(variables, masks)
     from_logits = chain.steps[-1].activation != "softmax"
 
     def step(order: tf.Tensor, start: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        global traces
+        traces += 1  # Python side effect: runs when the step is traced, not when it runs
         indices = order[start : start + batch_size]
         xb, yb = tf.gather(x, indices), tf.gather(y, indices)
         with tf.GradientTape() as tape:
             output = model(xb, training=True)
             per_sample = per_sample_loss(output, yb, "softmax_cross_entropy", from_logits)
-            loss = tf.reduce_mean(per_sample)
+            if soft is None or teacher is None:
+                loss = tf.reduce_mean(per_sample)
+            else:
+                tb = tf.gather(teacher, indices)
+                loss = tf.reduce_mean(_distillation_loss(output, per_sample, tb, soft, from_logits))
             if model.losses:  # regularisers, if the model has any
                 loss = loss + tf.add_n(model.losses)
         grads = tape.gradient(loss, variables)
-        grads = [g if m is None else g * m for g, m in zip(grads, mask_tensors, strict=True)]
+        grads = [g if m is None else g * m for g, m in zip(grads, masks, strict=True)]
         optimizer.apply(grads, variables)
-        for variable, mask in zip(variables, mask_tensors, strict=True):
+        for variable, mask in zip(variables, masks, strict=True):
             if mask is not None:
                 variable.assign(variable * mask)
         correct = tf.equal(tf.argmax(output, axis=-1, output_type=yb.dtype), yb)
@@ -85,6 +138,57 @@ def _train_step(
 
     signature = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)]
     return tf.function(step, input_signature=signature)
+
+
+def _graphs(
+    model: keras.Model,
+    chain: Chain,
+    optimizer: keras.optimizers.Optimizer,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    masks: Mapping[str, np.ndarray],
+    soft: SoftTargets | None,
+) -> _Graphs:
+    """The compiled step for these arguments, with their values loaded: reused (no tracing) when
+    this model was last trained with the same optimizer object and the same shapes, batch size,
+    masked kernels and distillation settings, else traced and remembered on the model."""
+    cache: dict[tuple, _Graphs] = model.__dict__.get(_GRAPHS_ATTRIBUTE, {})
+    object.__setattr__(model, _GRAPHS_ATTRIBUTE, cache)  # not a Keras-tracked attribute
+    variables = list(model.trainable_variables)
+    key = (
+        id(optimizer),
+        x.shape,
+        str(x.dtype),
+        y.shape,
+        str(y.dtype),
+        batch_size,
+        tuple(v.path in masks for v in variables),
+        None if soft is None else (soft.temperature, soft.weight, soft.logits.shape),
+    )
+    graphs = cache.pop(key, None)
+    if graphs is not None and graphs.optimizer is optimizer:
+        graphs.data[0].assign(x)
+        graphs.data[1].assign(y)
+        for variable, mask in zip(variables, graphs.masks, strict=True):
+            if mask is not None:
+                mask.assign(tf.constant(masks[variable.path], dtype=mask.dtype))
+        if graphs.teacher is not None and soft is not None:
+            graphs.teacher.assign(tf.constant(soft.logits, dtype=graphs.teacher.dtype))
+    else:
+        data = (_variable(x, chain.dtype), _variable(y, y.dtype))
+        mask_variables = [
+            _variable(masks[v.path], v.dtype) if v.path in masks else None for v in variables
+        ]
+        teacher = None if soft is None else _variable(soft.logits, chain.dtype)
+        step = _train_step(
+            model, chain, optimizer, *data, batch_size, mask_variables, teacher, soft
+        )
+        graphs = _Graphs(optimizer, data, mask_variables, teacher, step, {})
+    cache[key] = graphs  # most recently used last
+    while len(cache) > _GRAPHS_PER_MODEL:
+        del cache[next(iter(cache))]
+    return graphs
 
 
 def _compiled_epoch(step: StepFn, n: int, batch_size: int, dtype: str) -> EpochFn:
@@ -138,6 +242,7 @@ def fit_classifier(
     validation_data: tuple[np.ndarray, np.ndarray] | None = None,
     verbose: int = 0,
     on_step: StepCallback | None = None,
+    soft_targets: SoftTargets | None = None,
 ) -> dict[str, list[float]]:
     """Train ``model`` in place on the mean softmax cross-entropy of each mini-batch.
 
@@ -149,7 +254,10 @@ def fit_classifier(
 
     Args:
         model: a classifier :func:`check_classifier` accepts.
-        optimizer: a Keras optimizer; it is built for the model's trainable variables here.
+        optimizer: a Keras optimizer; built for the model's trainable variables here if it is
+            not built yet. Passing the same optimizer object in a later call on the same model
+            (with the same shapes) reuses the compiled step instead of tracing it again; the
+            optimizer's state is whatever it is then (:mod:`helpers.retrain` resets it).
         x, y: training images ``(N, *input_shape)`` and integer labels ``(N,)``.
         epochs, batch_size, seed: the schedule.
         masks: ``{kernel path: bool array}``: gradients of ``False`` entries are zeroed before
@@ -159,11 +267,13 @@ def fit_classifier(
         on_step: called as ``on_step(step, optimizer)`` after every optimizer step. Without it
             each epoch runs as one compiled loop; with it the same compiled step is called from
             Python (slower, same updates).
+        soft_targets: train on the distillation loss (module docstring) instead; its logits
+            row ``i`` belongs to ``x[i]`` (the caller checks shapes and values).
 
     Returns:
-        Per-epoch lists ``loss`` and ``accuracy`` (over the epoch's mini-batches, in training
-        mode, as Keras reports them) and, with ``validation_data``, ``val_loss`` and
-        ``val_accuracy``.
+        Per-epoch lists ``loss`` (the hard cross-entropy, also with ``soft_targets``) and
+        ``accuracy`` (over the epoch's mini-batches, in training mode, as Keras reports them)
+        and, with ``validation_data``, ``val_loss`` and ``val_accuracy``.
     """
     chain = check_classifier(model)
     xa, ya = check_arrays(chain, x, y, "softmax_cross_entropy")
@@ -171,18 +281,19 @@ def fit_classifier(
     set_determinism(seed)
     rng = np.random.default_rng(seed)
     n = int(xa.shape[0])
-    optimizer.build(model.trainable_variables)
-    x_all = tf.constant(xa, dtype=chain.dtype)
-    y_all = tf.constant(ya, dtype=label_spec(chain, "softmax_cross_entropy").dtype)
-    step = _train_step(model, chain, optimizer, x_all, y_all, batch_size, masks or {})
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    ya = ya.astype(label_spec(chain, "softmax_cross_entropy").dtype.as_numpy_dtype, copy=False)
+    graphs = _graphs(model, chain, optimizer, xa, ya, batch_size, masks or {}, soft_targets)
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     if evaluator is not None:
         history.update(val_loss=[], val_accuracy=[])
-    run_epoch = (
-        _compiled_epoch(step, n, batch_size, chain.dtype)
-        if on_step is None
-        else _observed_epoch(step, n, batch_size, chain.dtype, optimizer, on_step)
-    )
+    if on_step is None:
+        if n not in graphs.epochs:
+            graphs.epochs[n] = _compiled_epoch(graphs.step, n, batch_size, chain.dtype)
+        run_epoch = graphs.epochs[n]
+    else:
+        run_epoch = _observed_epoch(graphs.step, n, batch_size, chain.dtype, optimizer, on_step)
     for epoch in range(epochs):
         loss_sum, correct = run_epoch(tf.constant(rng.permutation(n), dtype=tf.int32))
         history["loss"].append(float(loss_sum) / n)
@@ -197,4 +308,11 @@ def fit_classifier(
     return history
 
 
-__all__ = ["EpochFn", "StepCallback", "StepFn", "check_classifier", "fit_classifier"]
+__all__ = [
+    "EpochFn",
+    "SoftTargets",
+    "StepCallback",
+    "StepFn",
+    "check_classifier",
+    "fit_classifier",
+]

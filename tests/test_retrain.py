@@ -15,9 +15,12 @@ from helpers.retrain import (
     masked_fit,
     obd_saliency,
     shrink_masks,
+    teacher_targets,
 )
-from helpers.runtime import keras
+from helpers.runtime import keras, tf
 from helpers.saliency import magnitude
+from helpers import training
+from helpers.training import SoftTargets, _distillation_loss
 
 Arrays = tuple[np.ndarray, np.ndarray]
 
@@ -154,6 +157,27 @@ def test_observing_every_step_does_not_change_the_updates(mnist_subset) -> None:
     assert h1["accuracy"] == h2["accuracy"]
     for path in k1:
         np.testing.assert_allclose(k1[path], k2[path], rtol=0, atol=1e-6)
+
+
+def test_a_second_round_reuses_the_compiled_step_and_equals_a_fresh_start(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    reused = tiny(seed=7)
+    masked_fit(reused, half_masks(reused), x, y, epochs=1, seed=0)
+    after_first = kernels(reused), biases(reused)
+    masks = masks_from_scores(magnitude(reused), 0.7)  # other masks, same shapes and settings
+    traces = training.traces
+    masked_fit(reused, masks, x[::-1].copy(), y[::-1].copy(), epochs=1, seed=1)  # other data too
+    assert training.traces == traces  # nothing traced again: the step was reused
+    fresh = tiny(seed=7)  # another model: a new optimizer and a new graph
+    for layer in fresh.layers:
+        if isinstance(layer, keras.layers.Dense):
+            layer.kernel.assign(after_first[0][layer.kernel.path])
+            layer.bias.assign(after_first[1][layer.bias.path])
+    masked_fit(fresh, masks, x[::-1].copy(), y[::-1].copy(), epochs=1, seed=1)
+    assert training.traces > traces
+    for got, expected in ((kernels(reused), kernels(fresh)), (biases(reused), biases(fresh))):
+        for path in expected:
+            np.testing.assert_array_equal(got[path], expected[path])
 
 
 def test_masked_fit_with_dropout(mnist_subset) -> None:
@@ -345,3 +369,93 @@ def test_shrink_masks_refuses_to_grow_back() -> None:
     with pytest.raises(ValueError, match=r"already remove 3 weights in total; fraction 0\.5"):
         shrink_masks(scores, masks, 0.5)
     np.testing.assert_array_equal(shrink_masks(scores, masks, 1.0)["a"], np.zeros((2, 2), bool))
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def test_distillation_loss_is_hintons_formula() -> None:
+    rng = np.random.default_rng(0)
+    z, t = rng.normal(size=(6, 4)) * 3, rng.normal(size=(6, 4)) * 3
+    hard = rng.uniform(size=6)
+    soft = SoftTargets(logits=t, temperature=2.5, weight=0.7)
+
+    def softmax(a: np.ndarray) -> np.ndarray:
+        e = np.exp(a - a.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    expected = 0.3 * hard - 0.7 * 2.5**2 * np.sum(softmax(t / 2.5) * np.log(softmax(z / 2.5)), axis=1)
+    got = _distillation_loss(tf.constant(z), tf.constant(hard), tf.constant(t), soft, True)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    # a model ending in softmax gives probabilities: the same loss from log p
+    probs = _distillation_loss(tf.constant(softmax(z)), tf.constant(hard), tf.constant(t), soft, False)
+    np.testing.assert_allclose(probs.numpy(), expected, rtol=1e-10)
+
+
+def test_teacher_targets_are_the_teachers_logits_frozen_at_call_time(mnist_subset) -> None:
+    (x, _), _ = mnist_subset
+    teacher = tiny(seed=4)
+    soft = teacher_targets(teacher, x[:300], temperature=3.0, weight=0.5)
+    np.testing.assert_allclose(soft.logits, teacher(x[:300], training=False).numpy(), rtol=1e-6)
+    assert (soft.temperature, soft.weight) == (3.0, 0.5)
+    before = soft.logits.copy()
+    apply_masks(teacher, half_masks(teacher))  # pruning the teacher afterwards changes nothing
+    np.testing.assert_array_equal(soft.logits, before)
+
+
+def test_weight_zero_is_plain_retraining_and_distilling_pulls_towards_the_teacher(
+    mnist_subset,
+) -> None:
+    (x, y), _ = mnist_subset
+    teacher = tiny(seed=5)
+    masked_fit(teacher, masks_from_scores(magnitude(teacher), 0.0), x, y, epochs=3, seed=0)
+    t_pred = np.argmax(teacher(x, training=False).numpy(), axis=1)
+    runs = {}
+    for name, distill in (
+        ("plain", None),
+        ("weight 0", teacher_targets(teacher, x, weight=0.0)),
+        ("distilled", teacher_targets(teacher, x, temperature=4.0, weight=1.0)),
+    ):
+        student = tiny(seed=6)
+        masked_fit(student, half_masks(student), x, y, epochs=3, seed=1, distill=distill)
+        runs[name] = student
+    plain, zero = kernels(runs["plain"]), kernels(runs["weight 0"])
+    for path in plain:
+        np.testing.assert_allclose(zero[path], plain[path], rtol=0, atol=1e-6)
+
+    def agreement(model: keras.Model) -> float:
+        return float(np.mean(np.argmax(model(x, training=False).numpy(), axis=1) == t_pred))
+
+    def soft_ce(model: keras.Model) -> float:
+        p_t = tf.nn.softmax(teacher(x, training=False) / 4.0)
+        return float(-tf.reduce_mean(tf.reduce_sum(p_t * tf.nn.log_softmax(model(x) / 4.0), axis=1)))
+
+    assert soft_ce(runs["distilled"]) < soft_ce(runs["plain"])
+    assert agreement(runs["distilled"]) > agreement(runs["plain"])
+
+
+def test_distillation_arguments_are_checked(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    model = tiny()
+    masks = half_masks(model)
+    for bad in (0.0, -1.0, float("nan"), "4"):
+        with pytest.raises(ValueError, match="temperature"):
+            teacher_targets(model, x[:10], temperature=bad)
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="weight"):
+            teacher_targets(model, x[:10], weight=bad)
+    with pytest.raises(ValueError, match="shape"):
+        teacher_targets(model, x[:10].reshape(10, -1))
+    with pytest.raises(ValueError, match="compute them on the same x"):
+        masked_fit(model, masks, x, y, epochs=1, distill=teacher_targets(model, x[:100]))
+    with pytest.raises(ValueError, match="teacher_targets"):
+        masked_fit(model, masks, x, y, epochs=1, distill=np.zeros((len(x), 10)))
+    with pytest.raises(ValueError, match="teacher_targets"):
+        iterative_prune(
+            model, x, y, schedule=[0.5], saliency=magnitude_saliency(), epochs_per_round=1,
+            distill="teacher",
+        )
+    broken = tiny()
+    broken.layers[-1].kernel.assign(np.full(broken.layers[-1].kernel.shape, np.inf, np.float32))
+    with pytest.raises(ValueError, match="not finite"):
+        teacher_targets(broken, x[:10])
