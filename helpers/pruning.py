@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -101,20 +101,30 @@ def masks_from_scores(
 
 @dataclass
 class WeightSnapshot:
-    """The kernels of a model as they were before masking; :meth:`restore` puts them back."""
+    """A model's variables as they were when :func:`snapshot` was taken; :meth:`restore` puts
+    them all back. ``kernels`` (by path) are what masks apply to; ``others`` holds every other
+    variable (biases, dropout seed states), which retraining changes too."""
 
     model: keras.Model
     kernels: dict[str, np.ndarray]
+    others: list[tuple[keras.Variable, np.ndarray]] = field(default_factory=list)
 
     def restore(self) -> None:
         for path, kernel in prunable_kernels(self.model).items():
             kernel.assign(self.kernels[path])
+        for variable, value in self.others:
+            variable.assign(value)
 
 
 def snapshot(model: keras.Model) -> WeightSnapshot:
-    """Copy the current kernels of ``model``."""
+    """Copy the current kernels of ``model`` and all its other variables (biases included: a
+    snapshot taken before retraining must undo the retraining, not only the pruning)."""
+    kernels = prunable_kernels(model)
+    kernel_ids = {id(k) for k in kernels.values()}
     return WeightSnapshot(
-        model, {p: np.array(k.numpy()) for p, k in prunable_kernels(model).items()}
+        model,
+        {p: np.array(k.numpy()) for p, k in kernels.items()},
+        [(v, np.array(v.numpy())) for v in model.variables if id(v) not in kernel_ids],
     )
 
 

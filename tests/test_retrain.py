@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import training
 from helpers.data import load_mnist
 from helpers.models import build_mlp
-from helpers.pruning import apply_masks, masks_from_scores, removal_count
+from helpers.pruning import apply_masks, masks_from_scores, removal_count, snapshot
 from helpers.retrain import (
     check_schedule,
     iterative_prune,
@@ -19,7 +20,6 @@ from helpers.retrain import (
 )
 from helpers.runtime import keras, tf
 from helpers.saliency import magnitude
-from helpers import training
 from helpers.training import SoftTargets, _distillation_loss
 
 Arrays = tuple[np.ndarray, np.ndarray]
@@ -178,6 +178,18 @@ def test_a_second_round_reuses_the_compiled_step_and_equals_a_fresh_start(mnist_
     for got, expected in ((kernels(reused), kernels(fresh)), (biases(reused), biases(fresh))):
         for path in expected:
             np.testing.assert_array_equal(got[path], expected[path])
+
+
+def test_a_snapshot_taken_before_retraining_restores_every_weight(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    model = tiny(seed=8, dropout_rate=0.3)
+    before = [v.numpy().copy() for v in model.variables]  # kernels, biases, dropout seed state
+    original = snapshot(model)
+    masked_fit(model, half_masks(model), x, y, epochs=1)
+    assert any(not np.array_equal(v.numpy(), b) for v, b in zip(model.variables, before, strict=True))
+    original.restore()
+    for variable, value in zip(model.variables, before, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
 
 
 def test_masked_fit_with_dropout(mnist_subset) -> None:
