@@ -11,6 +11,20 @@ of a kernel weight is :math:`z_{l-1,i}\,\delta_{l,j}` with the backpropagated
 for a ``Dense`` layer the sum over samples of squared per-sample gradients is one matmul,
 :math:`(z_{l-1}^{\odot 2})^\top \delta_l^{\odot 2}`, with no per-sample loop.
 
+Chains with ``Conv2D``, pooling and ``Flatten`` layers (:mod:`helpers.network`) are supported
+too. A convolution kernel weight is shared by every output position :math:`p`, so its
+per-sample gradient is a **sum over positions**, :math:`\sum_p z_{in,p}\,\delta_p` (input patch
+times output delta), and it is squared *after* that sum: the square is not the sum of the
+per-position squares (that would drop the cross terms between positions, as LeCun's diagonal
+recursion does). The per-sample filter gradients are formed for the whole batch at once, an
+einsum of the input patches (``tf.image.extract_patches``, (B, P, kh*kw*c_in)) with the
+backpropagated deltas (B, P, c_out), then squared and summed over samples; the deltas come from
+the same batched backward passes (transposed convolutions, pooling gradients) that
+:func:`helpers.curvature.second_derivatives` uses for ``method="exact"``
+(:func:`helpers.curvature._squared_gradient_sums_ops`). Memory per batch grows with
+``samples * batch_size * kh*kw*c_in * c_out`` for each convolution (and ``batch_size * P *
+kh*kw*c_in`` for its patches): lower ``batch_size`` for large draws.
+
 ``empirical_fisher``
     :math:`\frac1N\sum_n (\nabla_w \ell_n)^2` at the **true** labels: the output curvature
     :math:`S` is replaced by the outer product of the residual :math:`g = p - e_y`. Not an
@@ -31,6 +45,11 @@ for a ``Dense`` layer the sum over samples of squared per-sample gradients is on
     blocks included, biases held fixed). Hessian-vector products by double backward
     differentiation through the Keras model, summed over batches; unbiased for the exact diagonal
     for any activation, with a variance that grows with the off-diagonal mass of :math:`H`.
+    Refused (:class:`~helpers.network.UnsupportedModelError`, the check of
+    :func:`helpers.curvature.second_derivatives`' ``method="autodiff"``) when a kernel comes
+    before a ``MaxPooling2D`` that keeps its input shape, where TensorFlow's CPU second
+    derivative of max pooling returns zeros inside ``tf.function``; the Fisher estimators only
+    differentiate once and accept those chains.
 
 Randomness is seeded: ``monte_carlo_fisher`` draws with TensorFlow's stateless ops keyed by
 ``(seed, batch index)``, ``hutchinson`` with NumPy generators keyed by ``(seed, probe index)``
@@ -48,14 +67,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# the curvature module's chain checks and Dense forward pass (same package, shared on purpose)
-from helpers.curvature import DEFAULT_BATCH_SIZE
+# the curvature module's chain checks, forward and backward passes (same package, shared on
+# purpose)
+from helpers.curvature import (
+    DEFAULT_BATCH_SIZE,
+    _check_autodiff,
+    _forward_ops,
+    _prepare,
+    _squared_gradient_sums_ops,
+)
 from helpers.curvature import _forward as _dense_forward
-from helpers.curvature import _prepare as _curvature_prepare
 from helpers.distribute import sum_over_batches
 from helpers.inputs import Data, batches, label_spec, progress_bar
 from helpers.losses import LossName, output_boundary, per_sample_loss
-from helpers.network import Chain, as_chain, require_dense
+from helpers.network import Chain, as_chain
 from helpers.runtime import keras, tf
 
 MAX_SEED = 2**31 - 1
@@ -83,23 +108,33 @@ def _seed(value: object) -> int:
     return int(value)
 
 
-def _prepare(model: keras.Model, loss: str | None) -> tuple[Chain, LossName]:
-    """The model's chain and loss, as :mod:`helpers.curvature` checks them, Dense layers only."""
-    chain, resolved = _curvature_prepare(model, loss)
-    require_dense(chain, "the approximate curvature estimators")
-    return chain, resolved
-
-
 # --------------------------------------------------------------------------------------------
-# Squared per-sample gradients of Dense kernels (forward pass: helpers.curvature's)
+# Squared per-sample kernel gradients (forward and conv backward passes: helpers.curvature's)
 # --------------------------------------------------------------------------------------------
 
+SquaredSums = Callable[[tf.Tensor], list[tf.Tensor]]
 
-def _forward(chain: Chain, x: tf.Tensor) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
-    """Layer inputs z_{l-1}, f'(a_l) for every Dense step, and the output o (logits); a final
-    softmax is part of the loss and treated as the identity."""
-    inputs, slopes, _, out = _dense_forward(chain, x)
-    return inputs, slopes, out
+
+def _forward(chain: Chain, x: tf.Tensor) -> tuple[tf.Tensor, SquaredSums]:
+    """The output o (logits; a final softmax is part of the loss and treated as the identity)
+    and a function mapping output gradients (S, B, m) to the sums over samples and draws of the
+    squared per-sample gradient of every kernel.
+
+    Dense chains use this module's matmul recursion (:func:`_squared_gradient_sums`); chains
+    with Conv2D and pooling layers the folded backward pass of :mod:`helpers.curvature`, which
+    squares each sample's filter gradient after summing it over positions.
+    """
+    if chain.dense_only:
+        inputs, slopes, _, out = _dense_forward(chain, x)
+        return out, lambda grads: _squared_gradient_sums(chain, inputs, slopes, grads)
+    op_inputs, derivatives, out = _forward_ops(chain, x)
+
+    def conv_sums(grads: tf.Tensor) -> list[tf.Tensor]:
+        draws = grads.shape[0]  # static: 1, or the number of samples
+        folded = tf.reshape(grads, [-1, chain.num_outputs])  # (S*B, m), row s * B + b
+        return _squared_gradient_sums_ops(chain, op_inputs, derivatives, folded, draws)
+
+    return out, conv_sums
 
 
 def _squared_gradient_sums(
@@ -127,9 +162,9 @@ def _squared_gradient_sums(
 
 
 def _empirical_batch(chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName) -> list[tf.Tensor]:
-    inputs, slopes, out = _forward(chain, x)
+    out, squared_sums = _forward(chain, x)
     _, g, _, _ = output_boundary(out, y, loss, chain.num_outputs)
-    return _squared_gradient_sums(chain, inputs, slopes, g[None])
+    return squared_sums(g[None])
 
 
 def _sampled_output_gradients(
@@ -150,9 +185,8 @@ def _monte_carlo_batch(
     chain: Chain, x: tf.Tensor, y: tf.Tensor, seed: tf.Tensor, loss: LossName, samples: int
 ) -> list[tf.Tensor]:
     del y  # validated (label range) but unused: the targets are drawn from the model
-    inputs, slopes, out = _forward(chain, x)
-    grads = _sampled_output_gradients(out, loss, samples, seed, chain.num_outputs)
-    return _squared_gradient_sums(chain, inputs, slopes, grads)
+    out, squared_sums = _forward(chain, x)
+    return squared_sums(_sampled_output_gradients(out, loss, samples, seed, chain.num_outputs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,10 +405,13 @@ def hutchinson(
 
     :math:`H v` is the Hessian of the mean loss over all of the data times :math:`v`, summed over
     batches, so the estimate does not depend on ``batch_size`` (nor on ``strategy``). Each batch
-    costs one forward and backward pass plus one double-backward pass per probe.
+    costs one forward and backward pass plus one double-backward pass per probe. Raises
+    :class:`~helpers.network.UnsupportedModelError` for a chain with a kernel before a
+    ``MaxPooling2D`` that keeps its input shape (module docstring).
     """
     probe_values = rademacher_probes(model, probes, seed)
     chain, loss_name = _prepare(model, loss)
+    _check_autodiff(chain, [step.path for step in chain.steps], "hutchinson")
     data, count = batches(chain, x, y, loss_name, batch_size)
     fn = _function(chain, "hutchinson", loss_name)
     probe_tensors = [tf.constant(probe_values[step.path]) for step in chain.steps]

@@ -382,38 +382,40 @@ def _lecun_ops_batch(
     return result[::-1]
 
 
-def _exact_gauss_newton_ops_batch(
-    chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName
+def _squared_gradient_sums_ops(
+    chain: Chain,
+    inputs: list[tf.Tensor],
+    derivatives: list[tuple[tf.Tensor, tf.Tensor] | None],
+    vectors: tf.Tensor,
+    repeats: int,
 ) -> list[tf.Tensor]:
-    r"""Exact diagonal for piecewise-linear chains with Conv2D and pooling: :math:`\sum_k (J^\top
-    u_k)^2`, the K vectors :math:`u_k` folded into the batch and backpropagated together.
+    r"""Sum over samples and over R folded vectors of the squared per-sample kernel gradients
+    :math:`(J^\top v)^2`, through Dense, Conv2D, pooling and Flatten operations.
 
-    A Dense weight controls one connection, so its per-sample gradient is a product and the sum
-    over samples a matmul. A convolution weight is shared by every output position, so its
-    squared gradient is :math:`(\sum_p z_{in,p} \delta_p)^2`, not a sum of squares: the filter
-    gradient is formed per sample and per :math:`k` (an einsum of the input patches with the
-    backpropagated vectors) and then squared. Cost: K backward passes over the data (K = number
-    of outputs) plus K * B * P * F * C_out multiply-adds and K * B * F * C_out memory per
-    convolution (P output positions, F = kh * kw * C_in), i.e. about K gradient passes.
+    ``vectors`` (R*B, m) holds R vectors per sample at the output (row r * B + b belongs to
+    sample b), ``inputs`` and ``derivatives`` come from :func:`_forward_ops`; all R are
+    backpropagated together as one folded batch. A Dense weight controls one connection, so its
+    per-sample gradient is a product and the sum over samples a matmul. A convolution weight is
+    shared by every output position, so its squared gradient is
+    :math:`(\sum_p z_{in,p} \delta_p)^2`, not a sum of squares: the filter gradient is formed per
+    sample and per vector (an einsum of the input patches with the backpropagated vectors) and
+    then squared. Cost: R backward passes over the data plus R * B * P * F * C_out multiply-adds
+    and R * B * F * C_out memory per convolution (P output positions, F = kh * kw * C_in).
     """
-    inputs, derivatives, out = _forward_ops(chain, x)
-    _, _, _, factor = output_boundary(out, y, loss, chain.num_outputs)
-    k_count = chain.num_outputs
-    vectors = tf.reshape(factor(), [-1, chain.num_outputs])  # (K*B, m): u_k at the output
     result: list[tf.Tensor] = []
     first = _first_weighted(chain)
     for i in range(len(chain.ops) - 1, first - 1, -1):
         op = chain.ops[i]
         if derivatives[i] is not None:
             d1, _ = derivatives[i]
-            unfolded = _unfold(vectors, k_count) * d1[None]  # (K, B, *output shape)
+            unfolded = _unfold(vectors, repeats) * d1[None]  # (R, B, *output shape)
             vectors = tf.reshape(unfolded, tf.shape(vectors))
             if isinstance(op, ConvStep):
                 patches = _patches(op, inputs[i])  # (B, P, F)
                 deltas = tf.reshape(
-                    unfolded, [k_count, tf.shape(patches)[0], tf.shape(patches)[1], -1]
-                )  # (K, B, P, C_out)
-                per_sample = tf.einsum("bpf,kbpo->kbfo", patches, deltas)
+                    unfolded, [repeats, tf.shape(patches)[0], tf.shape(patches)[1], -1]
+                )  # (R, B, P, C_out)
+                per_sample = tf.einsum("bpf,rbpo->rbfo", patches, deltas)
                 result.append(
                     tf.reshape(tf.reduce_sum(tf.square(per_sample), axis=[0, 1]), op.kernel.shape)
                 )
@@ -427,8 +429,23 @@ def _exact_gauss_newton_ops_batch(
                 )
         if i == first:
             break
-        vectors = _op_backward(chain, i, inputs[i], vectors, k_count, squared=False)
+        vectors = _op_backward(chain, i, inputs[i], vectors, repeats, squared=False)
     return result[::-1]
+
+
+def _exact_gauss_newton_ops_batch(
+    chain: Chain, x: tf.Tensor, y: tf.Tensor, loss: LossName
+) -> list[tf.Tensor]:
+    r"""Exact diagonal for piecewise-linear chains with Conv2D and pooling: :math:`\sum_k (J^\top
+    u_k)^2`, the K vectors :math:`u_k` folded into the batch and backpropagated together
+    (:func:`_squared_gradient_sums_ops`, where a convolution weight's per-sample gradient is
+    summed over positions before it is squared). Cost: about K gradient passes (K = number of
+    outputs).
+    """
+    inputs, derivatives, out = _forward_ops(chain, x)
+    _, _, _, factor = output_boundary(out, y, loss, chain.num_outputs)
+    vectors = tf.reshape(factor(), [-1, chain.num_outputs])  # (K*B, m): u_k at the output
+    return _squared_gradient_sums_ops(chain, inputs, derivatives, vectors, chain.num_outputs)
 
 
 def _block_backward(chain: Chain, i: int, z_in: tf.Tensor, m_block: tf.Tensor) -> tf.Tensor:
