@@ -210,6 +210,44 @@ def _compile(
     )
 
 
+def _check_input_shape(input_shape: object) -> tuple[int, ...]:
+    """``input_shape`` (per-sample, without the batch axis) as a non-empty tuple of positive ints."""
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+        raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
+    shape = tuple(_positive_int(n, "input_shape entries") for n in input_shape)
+    if len(shape) == 0:
+        raise ValueError("input_shape must not be empty")
+    return shape
+
+
+def _check_num_classes(num_classes: object) -> int:
+    """``num_classes`` as an int of at least 2."""
+    classes = _positive_int(num_classes, "num_classes")
+    if classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
+    return classes
+
+
+def _check_learning_rate(
+    learning_rate: object,
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """A Keras learning-rate schedule as it is, else ``learning_rate`` as a positive float."""
+    if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        return learning_rate
+    return _check_positive_float(learning_rate, "learning_rate")
+
+
+def _dense(units: int, activation: str | None, seed: int, name: str) -> keras.layers.Dense:
+    """A ``Dense`` layer with Glorot-uniform kernel (seeded) and zero biases."""
+    return keras.layers.Dense(
+        units,
+        activation=activation,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+        bias_initializer="zeros",
+        name=name,
+    )
+
+
 def build_mlp(
     hidden: Sequence[int] = DEFAULT_HIDDEN,
     dropout_rate: float = 0.0,
@@ -239,41 +277,19 @@ def build_mlp(
     widths = _check_hidden(hidden)
     rate = _check_rate(dropout_rate, "dropout_rate")
     activation = _check_activation(activation)
-    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
-        raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
-    shape = tuple(_positive_int(n, "input_shape entries") for n in input_shape)
-    if len(shape) == 0:
-        raise ValueError("input_shape must not be empty")
-    classes = _positive_int(num_classes, "num_classes")
-    if classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
+    shape = _check_input_shape(input_shape)
+    classes = _check_num_classes(num_classes)
     seeds = _layer_seeds(_check_seed(seed), 2 * len(widths) + 1)
-    if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-        learning_rate = _check_positive_float(learning_rate, "learning_rate")
+    learning_rate = _check_learning_rate(learning_rate)
 
     layers: list[keras.layers.Layer] = [keras.layers.Flatten(name="flatten")]
     for i, width in enumerate(widths, start=1):
-        layers.append(
-            keras.layers.Dense(
-                width,
-                activation=activation,
-                kernel_initializer=keras.initializers.GlorotUniform(seed=seeds[i - 1]),
-                bias_initializer="zeros",
-                name=f"dense_{i}",
-            )
-        )
+        layers.append(_dense(width, activation, seeds[i - 1], f"dense_{i}"))
         if rate > 0:
             layers.append(
                 keras.layers.Dropout(rate, seed=seeds[len(widths) + i], name=f"dropout_{i}")
             )
-    layers.append(
-        keras.layers.Dense(
-            classes,
-            kernel_initializer=keras.initializers.GlorotUniform(seed=seeds[len(widths)]),
-            bias_initializer="zeros",
-            name="logits",
-        )
-    )
+    layers.append(_dense(classes, None, seeds[len(widths)], "logits"))
     model = keras.Sequential([keras.Input(shape=shape, name="image"), *layers], name="mlp")
     _compile(model, learning_rate)
     return model
@@ -281,11 +297,7 @@ def build_mlp(
 
 def _check_image_shape(input_shape: object) -> tuple[int, int, int]:
     """``input_shape`` as ``(height, width, channels)``, large enough for :func:`build_lenet5`."""
-    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
-        raise ValueError(
-            f"input_shape must be (height, width, channels) positive ints, got {input_shape!r}"
-        )
-    shape = tuple(_positive_int(n, "input_shape entries") for n in input_shape)
+    shape = _check_input_shape(input_shape)
     if len(shape) != 3:
         raise ValueError(f"input_shape must be (height, width, channels), got {input_shape!r}")
     if min(shape[:2]) < LENET5_MIN_SIDE:
@@ -326,15 +338,9 @@ def build_lenet5(
             ``(height, width, channels)`` or is smaller than 16x16, ``num_classes < 2``, ...).
     """
     shape = _check_image_shape(input_shape)
-    classes = _positive_int(num_classes, "num_classes")
-    if classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
+    classes = _check_num_classes(num_classes)
     seeds = _layer_seeds(_check_seed(seed), 5)
-    if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-        learning_rate = _check_positive_float(learning_rate, "learning_rate")
-
-    def glorot(i: int) -> keras.initializers.Initializer:
-        return keras.initializers.GlorotUniform(seed=seeds[i])
+    learning_rate = _check_learning_rate(learning_rate)
 
     layers: list[keras.layers.Layer] = []
     for i, filters in enumerate(LENET5_FILTERS, start=1):
@@ -344,7 +350,7 @@ def build_lenet5(
                 LENET5_KERNEL_SIZE,
                 padding="valid",
                 activation="relu",
-                kernel_initializer=glorot(i - 1),
+                kernel_initializer=keras.initializers.GlorotUniform(seed=seeds[i - 1]),
                 bias_initializer="zeros",
                 name=f"conv_{i}",
             ),
@@ -352,20 +358,8 @@ def build_lenet5(
         ]
     layers.append(keras.layers.Flatten(name="flatten"))
     for i, width in enumerate(LENET5_DENSE, start=1):
-        layers.append(
-            keras.layers.Dense(
-                width,
-                activation="relu",
-                kernel_initializer=glorot(len(LENET5_FILTERS) + i - 1),
-                bias_initializer="zeros",
-                name=f"dense_{i}",
-            )
-        )
-    layers.append(
-        keras.layers.Dense(
-            classes, kernel_initializer=glorot(4), bias_initializer="zeros", name="logits"
-        )
-    )
+        layers.append(_dense(width, "relu", seeds[len(LENET5_FILTERS) + i - 1], f"dense_{i}"))
+    layers.append(_dense(classes, None, seeds[4], "logits"))
     model = keras.Sequential([keras.Input(shape=shape, name="image"), *layers], name="lenet5")
     _compile(model, learning_rate)
     return model
