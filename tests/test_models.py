@@ -1,7 +1,8 @@
-"""Tests for :mod:`helpers.models`: the MLP, its deterministic training and its weight cache.
+"""Tests for :mod:`helpers.models`: the MLP and the LeNet, their deterministic training and cache.
 
 Training runs use a tiny configuration (one hidden layer of 8 units, one epoch, 2,000 training
-images) so the file runs in well under a minute; the full-size accuracy is measured by hand.
+images; the LeNet one epoch on 1,000) so the file runs in about a minute; the full-size
+accuracies are measured by hand.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 
 from helpers import models
 from helpers.data import MnistArrays, load_mnist
-from helpers.models import TrainedModel, build_mlp, train_mlp
+from helpers.models import TrainedModel, build_lenet5, build_mlp, train_lenet5, train_mlp
+from helpers.network import as_chain, prunable_kernels
 from helpers.runtime import keras
 
 SMALL = {"hidden": (8,), "epochs": 1, "batch_size": 64, "learning_rate": 1e-2}
@@ -313,3 +315,184 @@ def test_default_cache_dir_is_git_ignored() -> None:
     root = Path(models.__file__).resolve().parent.parent
     assert models.DEFAULT_CACHE_DIR == root / ".cache" / "models"
     assert ".cache/" in (root / ".gitignore").read_text().splitlines()
+
+
+# --------------------------------------------------------------------------- LeNet-5
+
+LENET_SMALL = {"epochs": 1, "batch_size": 64, "learning_rate": 1e-2}
+LENET_PATHS = [
+    f"lenet5/{name}/{kind}"
+    for name in ("conv_1", "conv_2", "dense_1", "dense_2", "logits")
+    for kind in ("kernel", "bias")
+]
+
+
+def test_lenet5_sizes_and_shapes() -> None:
+    model = build_lenet5()
+    assert [tuple(v.shape) for v in model.weights if v.path.endswith("/kernel")] == [
+        (5, 5, 1, 6), (5, 5, 6, 16), (256, 120), (120, 84), (84, 10)
+    ]  # fmt: skip
+    assert _sizes(model, "/kernel") == 150 + 2_400 + 30_720 + 10_080 + 840 == 44_190
+    assert _sizes(model, "/bias") == 6 + 16 + 120 + 84 + 10 == 236
+    assert model.count_params() == 44_426
+    assert model.input_shape == (None, 28, 28, 1)
+    assert model.output_shape == (None, 10)
+    assert model.get_layer("pool_2").output.shape == (None, 4, 4, 16)
+
+
+def test_lenet5_stable_names_and_paths() -> None:
+    model = build_lenet5()
+    assert model.name == "lenet5"
+    assert [layer.name for layer in model.layers] == [
+        "conv_1", "pool_1", "conv_2", "pool_2", "flatten", "dense_1", "dense_2", "logits"
+    ]  # fmt: skip
+    assert [v.path for v in model.weights] == LENET_PATHS
+    assert [v.path for v in build_lenet5(seed=5).weights] == LENET_PATHS  # a second build
+
+
+def test_lenet5_is_a_supported_chain() -> None:
+    model = build_lenet5()
+    chain = as_chain(model)
+    assert [type(op).__name__ for op in chain.ops] == [
+        "ConvStep", "PoolStep", "ConvStep", "PoolStep", "FlattenStep",
+        "DenseStep", "DenseStep", "DenseStep",
+    ]  # fmt: skip
+    assert [op.padding for op in chain.ops[:4]] == ["VALID"] * 4
+    assert [step.activation for step in chain.steps] == ["relu"] * 4 + ["linear"]
+    assert list(prunable_kernels(model)) == LENET_PATHS[::2]
+    assert isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy)
+    assert model.loss.get_config()["from_logits"] is True
+
+
+def test_lenet5_same_seed_same_weights_other_seed_other_weights() -> None:
+    a, b, c = build_lenet5(seed=3), build_lenet5(seed=3), build_lenet5(seed=4)
+    _assert_same_weights(a, b)
+    for wa, wc in zip(a.get_weights()[::2], c.get_weights()[::2], strict=True):
+        assert not np.array_equal(wa, wc)
+    assert all(not w.any() for w in a.get_weights()[1::2])  # zero biases
+    x = np.random.default_rng(0).random((3, 28, 28, 1), dtype=np.float32)
+    np.testing.assert_array_equal(a.predict_on_batch(x), b.predict_on_batch(x))
+
+
+def test_lenet5_other_input_shapes() -> None:
+    model = build_lenet5(input_shape=(32, 32, 3), num_classes=4)
+    assert model.get_layer("conv_1").kernel.shape == (5, 5, 3, 6)
+    assert model.get_layer("dense_1").kernel.shape == (5 * 5 * 16, 120)
+    assert model.output_shape == (None, 4)
+    assert build_lenet5(input_shape=(16, 16, 1)).get_layer("dense_1").kernel.shape == (16, 120)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"input_shape": (28, 28)}, "height, width, channels"),
+        ({"input_shape": (28, 28, 1, 1)}, "height, width, channels"),
+        ({"input_shape": (15, 28, 1)}, "at least 16x16"),
+        ({"input_shape": (28, 28, 0)}, "input_shape"),
+        ({"input_shape": "28"}, "input_shape"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"seed": -1}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"learning_rate": float("inf")}, "learning_rate"),
+    ],
+)
+def test_lenet5_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_lenet5(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"seed": -2}, "seed"),
+        ({"data": ((np.zeros((4, 784)), np.zeros(4)), (np.zeros((2, 784)), np.zeros(2)))}, "LeNet-5 needs images"),
+        ({"data": ((np.zeros((4, 12, 12)), np.zeros(4)), (np.zeros((2, 12, 12)), np.zeros(2)))}, "at least 16x16"),
+        ({"data": _arrays(train_label=-1)}, "labels"),
+    ],
+)
+def test_train_lenet5_bad_arguments(kwargs: dict, match: str, tmp_path: Path) -> None:
+    kwargs.setdefault("data", _arrays())
+    with pytest.raises(ValueError, match=match):
+        train_lenet5(cache_dir=tmp_path, **kwargs)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def lenet_data(small_data: MnistArrays) -> MnistArrays:
+    (x_train, y_train), (x_test, y_test) = small_data
+    return (x_train[:1000], y_train[:1000]), (x_test[:300], y_test[:300])
+
+
+@pytest.fixture(scope="module")
+def lenet_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lenet_cache")
+
+
+@pytest.fixture(scope="module")
+def lenet_first(lenet_data: MnistArrays, lenet_cache: Path) -> TrainedModel:
+    """A LeNet trained for one epoch on 1,000 images into a fresh cache directory."""
+    return train_lenet5(**LENET_SMALL, data=lenet_data, cache_dir=lenet_cache)
+
+
+def test_lenet5_first_run_trains_and_writes_cache(
+    lenet_first: TrainedModel, lenet_cache: Path
+) -> None:
+    assert lenet_first.from_cache is False
+    assert lenet_first.cache_key is not None and lenet_first.cache_key.startswith("lenet5_seed0_")
+    assert sorted(p.name for p in lenet_cache.iterdir()) == [
+        f"{lenet_first.cache_key}.json",
+        f"{lenet_first.cache_key}.weights.h5",
+    ]
+    config = json.loads((lenet_cache / f"{lenet_first.cache_key}.json").read_text())["config"]
+    assert config["architecture"] == "lenet5"
+    assert config["input_shape"] == [28, 28, 1]
+    assert config["conv_filters"] == [6, 16] and config["dense"] == [120, 84]
+    assert config["n_train"] == 1000 and config["epochs"] == 1
+    assert lenet_first.model.name == "lenet5"
+    assert all(len(v) == 1 for v in lenet_first.history.values())
+    assert lenet_first.history["val_accuracy"][-1] == pytest.approx(lenet_first.test_accuracy)
+    assert lenet_first.test_accuracy > 0.3  # well above chance (0.1) after one tiny epoch
+
+
+def test_lenet5_cache_round_trip(
+    lenet_first: TrainedModel, lenet_data: MnistArrays, lenet_cache: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(lenet_cache, cache)
+    again = train_lenet5(**LENET_SMALL, data=lenet_data, cache_dir=cache)
+    assert again.from_cache is True and again.cache_key == lenet_first.cache_key
+    _assert_same_weights(lenet_first.model, again.model)
+    assert again.history == lenet_first.history
+    assert again.test_accuracy == lenet_first.test_accuracy
+    # Images that already have their channel axis are the same data: the same entry.
+    (x_train, y_train), (x_test, y_test) = lenet_data
+    with_channel = ((x_train[..., None], y_train), (x_test[..., None], y_test))
+    assert train_lenet5(**LENET_SMALL, data=with_channel, cache_dir=cache).from_cache is True
+    # A corrupt entry is retrained, to the same weights.
+    weights = cache / f"{lenet_first.cache_key}.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:100])
+    retrained = train_lenet5(**LENET_SMALL, data=lenet_data, cache_dir=cache)
+    assert retrained.from_cache is False
+    _assert_same_weights(lenet_first.model, retrained.model)
+
+
+def test_lenet5_training_is_deterministic_without_cache(
+    lenet_first: TrainedModel, lenet_data: MnistArrays, tmp_path: Path
+) -> None:
+    fresh = train_lenet5(**LENET_SMALL, data=lenet_data, cache_dir=tmp_path, use_cache=False)
+    assert fresh.from_cache is False and fresh.cache_key is None
+    _assert_same_weights(lenet_first.model, fresh.model)
+    assert not any(tmp_path.iterdir())
+
+
+def test_lenet5_and_mlp_entries_do_not_collide(
+    lenet_first: TrainedModel, first: TrainedModel
+) -> None:
+    assert first.cache_key is not None and first.cache_key.startswith("mlp8_drop0_seed0_")
+    assert lenet_first.cache_key != first.cache_key
