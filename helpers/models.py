@@ -23,6 +23,7 @@ test accuracy is an honest held-out number.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -32,7 +33,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -780,6 +781,29 @@ def train_lenet5(
     return _train(config, data, _LENET5, cache_dir, use_cache, verbose)
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the block.
+
+    Processes that want the same network at once (notebooks run in parallel by pytest-xdist)
+    then train it once: the second waits for the first, then loads its cache entry. Where
+    ``fcntl`` is missing (Windows) there is no lock; both train, and the atomic writes keep the
+    cache valid.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _train(
     config: dict[str, Any],
     data: MnistArrays,
@@ -793,11 +817,12 @@ def _train(
         return _fit(config, data, verbose, architecture)
     directory = _resolve_cache_dir(cache_dir)
     key = _cache_key(config, architecture)
-    cached = _load(config, data, directory, key, architecture)
-    if cached is not None:
-        return cached
-    trained = _fit(config, data, verbose, architecture)
-    _save(trained, directory, key)
+    with _locked(directory / f"{key}.lock"):
+        cached = _load(config, data, directory, key, architecture)
+        if cached is not None:
+            return cached
+        trained = _fit(config, data, verbose, architecture)
+        _save(trained, directory, key)
     trained.cache_key = key
     return trained
 

@@ -185,6 +185,7 @@ def test_first_run_trains_and_writes_cache(first: TrainedModel, first_cache: Pat
     assert first.cache_key is not None
     assert sorted(p.name for p in first_cache.iterdir()) == [
         f"{first.cache_key}.json",
+        f"{first.cache_key}.lock",  # held while the entry is checked or written (see below)
         f"{first.cache_key}.weights.h5",
     ]
     record = json.loads(_entry(first_cache, first, ".json").read_text())
@@ -447,6 +448,7 @@ def test_lenet5_first_run_trains_and_writes_cache(
     assert lenet_first.cache_key is not None and lenet_first.cache_key.startswith("lenet5_seed0_")
     assert sorted(p.name for p in lenet_cache.iterdir()) == [
         f"{lenet_first.cache_key}.json",
+        f"{lenet_first.cache_key}.lock",
         f"{lenet_first.cache_key}.weights.h5",
     ]
     config = json.loads((lenet_cache / f"{lenet_first.cache_key}.json").read_text())["config"]
@@ -496,3 +498,32 @@ def test_lenet5_and_mlp_entries_do_not_collide(
 ) -> None:
     assert first.cache_key is not None and first.cache_key.startswith("mlp8_drop0_seed0_")
     assert lenet_first.cache_key != first.cache_key
+
+
+def test_processes_wanting_the_same_network_train_it_once(small_data, tmp_path, monkeypatch) -> None:
+    """Two trainers started together (as pytest-xdist runs notebooks in parallel): the lock on
+    the cache entry makes the second wait and load the first one's network."""
+    import threading
+    import time
+
+    calls = []
+    real_fit = models._fit
+
+    def slow_fit(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(1.0)  # both threads are past their cache lookup long before this ends
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(models, "_fit", slow_fit)
+    results: list[TrainedModel] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(train_mlp(**SMALL, data=small_data, cache_dir=tmp_path)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    assert sorted(r.from_cache for r in results) == [False, True]
+    _assert_same_weights(results[0].model, results[1].model)
