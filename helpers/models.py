@@ -409,16 +409,23 @@ def _as_images(data: MnistArrays) -> MnistArrays:
 
 def _training_config(
     architecture: dict[str, Any],
-    seed: int,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    lr_schedule: str,
-    weight_decay: float,
+    seed: object,
+    epochs: object,
+    batch_size: object,
+    learning_rate: object,
+    lr_schedule: object,
+    weight_decay: object,
     data: MnistArrays,
 ) -> dict[str, Any]:
     """Everything that determines the trained weights, JSON-compatible (lists, not tuples):
-    the ``architecture`` entries, the input shape, the schedule, the data and the versions."""
+    the ``architecture`` entries, the input shape, the schedule (checked here, ``ValueError``
+    naming the bad argument), the data and the versions."""
+    seed = _check_seed(seed)
+    epochs = _positive_int(epochs, "epochs")
+    batch_size = _positive_int(batch_size, "batch_size")
+    learning_rate = _check_positive_float(learning_rate, "learning_rate")
+    lr_schedule = check_lr_schedule(lr_schedule)
+    weight_decay = _check_weight_decay(weight_decay)
     (x_train, y_train), (x_test, y_test) = data
     return {
         "cache_format": CACHE_FORMAT,
@@ -704,14 +711,7 @@ def train_mlp(
         "activation": "relu",
     }
     config = _training_config(
-        architecture,
-        _check_seed(seed),
-        _positive_int(epochs, "epochs"),
-        _positive_int(batch_size, "batch_size"),
-        _check_positive_float(learning_rate, "learning_rate"),
-        check_lr_schedule(lr_schedule),
-        _check_weight_decay(weight_decay),
-        data,
+        architecture, seed, epochs, batch_size, learning_rate, lr_schedule, weight_decay, data
     )
     return _train(config, data, _MLP, cache_dir, use_cache, verbose)
 
@@ -769,14 +769,7 @@ def train_lenet5(
         "activation": "relu",
     }
     config = _training_config(
-        architecture,
-        _check_seed(seed),
-        _positive_int(epochs, "epochs"),
-        _positive_int(batch_size, "batch_size"),
-        _check_positive_float(learning_rate, "learning_rate"),
-        check_lr_schedule(lr_schedule),
-        _check_weight_decay(weight_decay),
-        data,
+        architecture, seed, epochs, batch_size, learning_rate, lr_schedule, weight_decay, data
     )
     return _train(config, data, _LENET5, cache_dir, use_cache, verbose)
 

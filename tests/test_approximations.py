@@ -229,12 +229,10 @@ def test_empirical_fisher_is_not_the_hessian() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_monte_carlo_fisher_converges_to_exact_for_relu_softmax() -> None:
-    """With labels enumerated, the expectation of the estimator is sum_k p_k EF(label k): it must
-    equal the exact diagonal to rounding. The same enumeration gives the estimator's variance,
-    so 4000 draws must land within Z_LIMIT standard deviations of it for every weight."""
-    model, x, y = tiny()
-    exact = flat(second_derivatives(model, x, y, method="exact"))
+def check_monte_carlo_softmax(model, x: np.ndarray, y: np.ndarray, exact: np.ndarray) -> None:
+    """With labels enumerated, the estimator's expectation is sum_k p_k EF(label k): it must
+    equal ``exact`` to rounding; the same enumeration gives its variance, and 4000 draws must
+    land within Z_LIMIT standard deviations of ``exact`` for every weight."""
     logits = model(x).numpy()
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
@@ -258,6 +256,28 @@ def test_monte_carlo_fisher_converges_to_exact_for_relu_softmax() -> None:
     assert relative_error(estimate, exact) < 0.05
 
 
+def check_monte_carlo_mse(model, x: np.ndarray, t: np.ndarray, per_sample: np.ndarray) -> None:
+    """Gaussian targets: each draw's squared gradient is h_i * chi-square(1), variance 2 h_i^2,
+    with h_i the per-sample exact diagonal (rows of ``per_sample``); 4000 draws must land within
+    Z_LIMIT standard deviations of their mean for every weight."""
+    exact = per_sample.mean(axis=0)
+    samples = 4000
+    n = len(per_sample)
+    sigma = np.sqrt(2 * (per_sample**2).sum(axis=0) / (n**2 * samples))
+    estimate = flat(monte_carlo_fisher(model, x, t, samples=samples, seed=4))
+    assert z_scores(estimate, exact, sigma).max() < Z_LIMIT
+    assert relative_error(estimate, exact) < 0.05
+
+
+def test_monte_carlo_fisher_converges_to_exact_for_relu_softmax() -> None:
+    """With labels enumerated, the expectation of the estimator is sum_k p_k EF(label k): it must
+    equal the exact diagonal to rounding. The same enumeration gives the estimator's variance,
+    so 4000 draws must land within Z_LIMIT standard deviations of it for every weight."""
+    model, x, y = tiny()
+    exact = flat(second_derivatives(model, x, y, method="exact"))
+    check_monte_carlo_softmax(model, x, y, exact)
+
+
 def test_monte_carlo_fisher_converges_to_exact_for_relu_mse() -> None:
     """Gaussian targets: each draw's squared gradient is h_i * chi-square(1), variance 2 h_i^2,
     with h_i the per-sample exact diagonal."""
@@ -268,12 +288,7 @@ def test_monte_carlo_fisher_converges_to_exact_for_relu_mse() -> None:
             for i in range(12)
         ]
     )
-    exact = per_sample.mean(axis=0)
-    samples = 4000
-    sigma = np.sqrt(2 * (per_sample**2).sum(axis=0) / (12**2 * samples))
-    estimate = flat(monte_carlo_fisher(model, x, t, samples=samples, seed=4))
-    assert z_scores(estimate, exact, sigma).max() < Z_LIMIT
-    assert relative_error(estimate, exact) < 0.05
+    check_monte_carlo_mse(model, x, t, per_sample)
 
 
 def test_monte_carlo_fisher_is_seeded() -> None:
@@ -300,26 +315,7 @@ def test_monte_carlo_fisher_on_conv_chains_converges_to_exact_for_relu_softmax(n
     np.testing.assert_allclose(
         flat(second_derivatives(model, x, y, method="exact")), exact, rtol=1e-10, atol=1e-14
     )
-    logits = model(x).numpy()
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    n, classes = p.shape
-    f = np.stack(
-        [
-            np.stack(
-                [flat(empirical_fisher(model, x[i : i + 1], np.array([k]))) for k in range(classes)]
-            )
-            for i in range(n)
-        ]
-    )
-    mean_i = np.einsum("ik,ikw->iw", p, f)
-    np.testing.assert_allclose(mean_i.mean(axis=0), exact, rtol=1e-10, atol=1e-14)
-    samples = 4000
-    var_i = np.einsum("ik,ikw->iw", p, f**2) - mean_i**2
-    sigma = np.sqrt(np.clip(var_i, 0, None).sum(axis=0) / (n**2 * samples))
-    estimate = flat(monte_carlo_fisher(model, x, y, samples=samples, seed=3, batch_size=5))
-    assert z_scores(estimate, exact, sigma).max() < Z_LIMIT
-    assert relative_error(estimate, exact) < 0.05
+    check_monte_carlo_softmax(model, x, y, exact)
 
 
 def test_monte_carlo_fisher_on_a_conv_chain_converges_to_exact_for_relu_mse() -> None:
@@ -336,11 +332,7 @@ def test_monte_carlo_fisher_on_a_conv_chain_converges_to_exact_for_relu_mse() ->
     np.testing.assert_allclose(
         exact, np.diag(full_hessian(model, x, t, "mse")), rtol=1e-10, atol=1e-14
     )
-    samples = 4000
-    sigma = np.sqrt(2 * (per_sample**2).sum(axis=0) / (12**2 * samples))
-    estimate = flat(monte_carlo_fisher(model, x, t, samples=samples, seed=4))
-    assert z_scores(estimate, exact, sigma).max() < Z_LIMIT
-    assert relative_error(estimate, exact) < 0.05
+    check_monte_carlo_mse(model, x, t, per_sample)
 
 
 def test_monte_carlo_fisher_on_a_conv_chain_equals_brute_force_with_its_labels() -> None:
