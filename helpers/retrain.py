@@ -107,32 +107,28 @@ def check_schedule(schedule: Sequence[float]) -> list[float]:
     return fractions
 
 
+def check_round_epochs(epochs_per_round: int | Sequence[int], rounds: int) -> list[int]:
+    """Epochs of each of ``rounds`` rounds: one non-negative int for all, or a sequence of one
+    per round; ``ValueError`` otherwise."""
+    if isinstance(epochs_per_round, (Sequence, np.ndarray)) and not isinstance(
+        epochs_per_round, (str, bytes)
+    ):
+        epochs = [_non_negative_int(e, "epochs_per_round entries") for e in epochs_per_round]
+        if len(epochs) != rounds:
+            raise ValueError(
+                f"epochs_per_round has {len(epochs)} entries for a schedule of {rounds} "
+                "fractions: give one number per round, or one for all"
+            )
+        return epochs
+    return [_non_negative_int(epochs_per_round, "epochs_per_round")] * rounds
+
+
 # --------------------------------------------------------------------------- distillation
 
 
-def teacher_targets(
-    teacher: keras.Model,
-    x: np.ndarray,
-    *,
-    temperature: float = DEFAULT_TEMPERATURE,
-    weight: float = DEFAULT_DISTILL_WEIGHT,
-) -> SoftTargets:
-    r"""The teacher's logits on ``x`` (inference mode), for ``distill=`` in :func:`masked_fit`.
-
-    They are computed now, so pruning the teacher afterwards (it may be the very model that is
-    about to be pruned) does not change them. A teacher ending in softmax gives the log of its
-    probabilities, which softmax maps back to the same distribution.
-
-    Args:
-        teacher: a supported classifier (:mod:`helpers.network`).
-        x: the training images ``(N, *input_shape)`` retraining will use, in the same order.
-        temperature: :math:`T > 0`; higher spreads the teacher's probability over more classes.
-        weight: :math:`\alpha \in [0, 1]`, the share of the soft term (0: plain cross-entropy).
-    """
+def _logits(teacher: keras.Model, x: np.ndarray) -> np.ndarray:
+    """One teacher's logits on ``x`` in inference mode (log-probabilities for a softmax output)."""
     chain = check_classifier(teacher)
-    temperature = _positive_float(temperature, "temperature")
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight <= 1:
-        raise ValueError(f"weight must be a number in [0, 1], got {weight!r}")
     xa = np.asarray(x, dtype=chain.dtype)
     if xa.ndim < 1 or xa.shape[1:] != tuple(chain.input_shape):
         raise ValueError(
@@ -149,6 +145,46 @@ def teacher_targets(
         logits = np.maximum(logits, np.finfo(logits.dtype).min)  # log 0 -> a large negative
     if not np.all(np.isfinite(logits)):
         raise ValueError("the teacher's outputs are not finite (check its weights)")
+    return logits
+
+
+def teacher_targets(
+    teacher: keras.Model | Sequence[keras.Model],
+    x: np.ndarray,
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    weight: float = DEFAULT_DISTILL_WEIGHT,
+) -> SoftTargets:
+    r"""The teacher's logits on ``x`` (inference mode), for ``distill=`` in :func:`masked_fit`.
+
+    They are computed now, so pruning the teacher afterwards (it may be the very model that is
+    about to be pruned) does not change them. A teacher ending in softmax gives the log of its
+    probabilities, which softmax maps back to the same distribution.
+
+    Several teachers (an *ensemble*, as in Hinton et al.'s paper) give the mean of their
+    logits: the soft target :math:`\sigma(ar t/T)` is then the normalised geometric mean of
+    the teachers' softened distributions.
+
+    Args:
+        teacher: a supported classifier (:mod:`helpers.network`), or a non-empty sequence of
+            them with the same number of classes.
+        x: the training images ``(N, *input_shape)`` retraining will use, in the same order.
+        temperature: :math:`T > 0`; higher spreads the teacher's probability over more classes.
+        weight: :math:`\alpha \in [0, 1]`, the share of the soft term (0: plain cross-entropy).
+    """
+    temperature = _positive_float(temperature, "temperature")
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight <= 1:
+        raise ValueError(f"weight must be a number in [0, 1], got {weight!r}")
+    teachers = list(teacher) if isinstance(teacher, Sequence) else [teacher]
+    if not teachers:
+        raise ValueError("teacher is an empty sequence: give a model or several")
+    each = [_logits(t, x) for t in teachers]
+    if len({e.shape for e in each}) > 1:
+        raise ValueError(
+            f"the teachers disagree on the shape of their outputs: {[e.shape for e in each]}"
+        )
+    logits = each[0] if len(each) == 1 else np.mean(each, axis=0, dtype=np.float64)
+    logits = logits.astype(each[0].dtype, copy=False)
     return SoftTargets(logits=logits, temperature=temperature, weight=float(weight))
 
 
@@ -215,6 +251,7 @@ def masked_fit(
     validation_data: tuple[np.ndarray, np.ndarray] | None = None,
     on_step: StepCallback | None = None,
     distill: SoftTargets | None = None,
+    compact_inputs: bool = True,
 ) -> dict[str, list[float]]:
     """Train ``model`` in place with its pruned kernel weights held at exactly zero.
 
@@ -242,6 +279,9 @@ def masked_fit(
             Python (slower, same updates).
         distill: :func:`teacher_targets` on this ``x``: minimise the distillation loss instead
             of the plain cross-entropy (module docstring).
+        compact_inputs: for a network of ``Dense`` layers, leave out of each step the inputs
+            whose every first-layer weight is pruned (:mod:`helpers.training`): the same sum
+            without its zero terms, faster after heavy pruning; ``False`` multiplies them all.
 
     Returns:
         Per-epoch lists ``loss`` (the plain cross-entropy, also when distilling) and
@@ -273,6 +313,7 @@ def masked_fit(
         verbose=verbose,
         on_step=on_step,
         soft_targets=distill,
+        compact_inputs=compact_inputs,
     )
 
 
@@ -366,7 +407,7 @@ def iterative_prune(
     *,
     schedule: Sequence[float],
     saliency: Saliency,
-    epochs_per_round: int,
+    epochs_per_round: int | Sequence[int],
     batch_size: int = DEFAULT_BATCH_SIZE,
     learning_rate: float = DEFAULT_LEARNING_RATE,
     lr_schedule: str = "constant",
@@ -381,7 +422,7 @@ def iterative_prune(
     Round ``r`` computes ``saliency(model)`` on the current pruned and retrained model, removes
     the lowest-scored still-kept weights so that ``round(schedule[r] * n)`` are removed in all
     (:func:`shrink_masks`), applies the masks and runs :func:`masked_fit` for
-    ``epochs_per_round`` epochs (0: no retraining) with seed ``seed + r`` and a fresh Adam. The
+    ``epochs_per_round`` epochs (0: no retraining; a sequence gives each round its own number) with seed ``seed + r`` and a fresh Adam. The
     model starts with every weight kept. One-shot pruning with one retraining is
     ``schedule=[fraction]`` with the whole epoch budget (module docstring).
 
@@ -390,7 +431,9 @@ def iterative_prune(
         x, y: training data for retraining (and for the saliency, if it uses them).
         schedule: strictly increasing cumulative fractions removed, each in [0, 1].
         saliency: ``model -> scores`` (:func:`obd_saliency`, :func:`magnitude_saliency`).
-        epochs_per_round, batch_size, learning_rate, lr_schedule, seed: retraining, as in
+        epochs_per_round: epochs after every round, or one number per round of ``schedule``
+            (for example a longer retraining at the last, sparsest steps).
+        batch_size, learning_rate, lr_schedule, seed: retraining, as in
             :func:`masked_fit` (a ``"cosine"`` schedule restarts in every round).
         x_test, y_test: if given, test accuracy is measured before and after each retraining.
         scope: ``"global"`` ranks all kernels together, ``"layer"`` each kernel on its own.
@@ -403,7 +446,7 @@ def iterative_prune(
     fractions = check_schedule(schedule)
     check_scope(scope)
     check_lr_schedule(lr_schedule)
-    epochs_per_round = _non_negative_int(epochs_per_round, "epochs_per_round")
+    round_epochs = check_round_epochs(epochs_per_round, len(fractions))
     seed = _non_negative_int(seed, "seed")
     if (x_test is None) != (y_test is None):
         raise ValueError("give both x_test and y_test, or neither")
@@ -421,7 +464,7 @@ def iterative_prune(
             masks,
             x,
             y,
-            epochs=epochs_per_round,
+            epochs=round_epochs[r],
             batch_size=batch_size,
             learning_rate=learning_rate,
             lr_schedule=lr_schedule,
@@ -470,6 +513,7 @@ __all__ = [
     "Saliency",
     "SoftTargets",
     "StepCallback",
+    "check_round_epochs",
     "check_schedule",
     "iterative_prune",
     "magnitude_saliency",

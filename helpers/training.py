@@ -12,6 +12,16 @@ weight decay) and :func:`helpers.retrain.masked_fit` (retraining with pruned wei
 zero: each kernel gradient is multiplied by its 0/1 mask before the update, and the mask is
 multiplied into the kernel after it).
 
+**Disconnected inputs are skipped.** When a network of ``Dense`` layers is retrained with a mask on
+its first kernel, inputs whose every outgoing weight is pruned (a row of the mask with no ``True``)
+contribute exactly nothing, so the step multiplies only the columns of the mini-batch that still
+have a connection with the matching rows of the first kernel,
+:math:`z_1 = X_{:,C}\,W_{C,:} + b` for the connected inputs :math:`C`. The first layer holds most of
+the weights of an MNIST network (39,200 of 47,200) and heavy pruning disconnects many pixels (at
+90% removed by OBD, about 340 of 784 stay connected), so this cuts the arithmetic of a step
+roughly in proportion. The result is the same sum without its zero terms: equal up to float32
+rounding, not bit for bit, to the full product (``compact_inputs=False`` keeps the full one).
+
 With ``soft_targets`` the loss of each sample is Hinton et al.'s (2015) distillation loss,
 :math:`(1-\alpha)\,\mathrm{CE}(y, \sigma(z)) + \alpha\,T^2\,\mathrm{CE}(\sigma(t/T), \sigma(z/T))`
 for the model's logits :math:`z`, a teacher's logits :math:`t`, temperature :math:`T` and weight
@@ -86,12 +96,53 @@ class _Graphs:
     data: tuple[tf.Variable, tf.Variable]
     masks: list[tf.Variable | None]
     teacher: tf.Variable | None
+    rows: tf.Variable | None
     step: StepFn
     epochs: dict[int, EpochFn]
 
 
-def _variable(value: np.ndarray, dtype: str | tf.DType) -> tf.Variable:
-    return tf.Variable(tf.constant(value, dtype=dtype), trainable=False)
+def _variable(value: np.ndarray, dtype: str | tf.DType, open_shape: bool = False) -> tf.Variable:
+    """A non-trainable variable holding ``value``; with ``open_shape`` later assignments may
+    change its shape (not its rank)."""
+    shape = tf.TensorShape([None] * np.ndim(value)) if open_shape else None
+    return tf.Variable(tf.constant(value, dtype=dtype), trainable=False, shape=shape)
+
+
+def connected_inputs(mask: np.ndarray) -> np.ndarray:
+    """Indices (int32) of the rows of a first-layer keep-mask ``(n_in, n_out)`` that keep at
+    least one weight: the inputs that still reach the network."""
+    return np.flatnonzero(np.asarray(mask, dtype=bool).any(axis=1)).astype(np.int32)
+
+
+def _compact_layers(
+    model: keras.Model, chain: Chain, masks: Mapping[str, np.ndarray]
+) -> tuple[keras.layers.Layer, list[keras.layers.Layer]] | None:
+    """The first ``Dense`` layer and the layers after it, when the step may skip disconnected
+    inputs: a chain of ``Dense`` layers (``Flatten`` only first) whose first kernel is masked."""
+    first = chain.steps[0]
+    if not chain.dense_only or first.kernel.path not in masks:
+        return None
+    layers = list(model.layers)
+    index = next(i for i, layer in enumerate(layers) if layer is first.layer)
+    return first.layer, layers[index + 1 :]
+
+
+def _compact_forward(
+    xb: tf.Tensor,
+    rows: tf.Tensor,
+    first: keras.layers.Layer,
+    rest: Sequence[keras.layers.Layer],
+) -> tf.Tensor:
+    """The model's training-mode output from a mini-batch ``xb`` that holds only the connected
+    inputs ``rows`` (flattened): ``activation(xb @ kernel[rows] + bias)``, then the later layers
+    as the model calls them."""
+    z = tf.matmul(xb, tf.gather(first.kernel, rows))
+    if first.use_bias:
+        z = z + first.bias
+    z = first.activation(z)
+    for layer in rest:
+        z = layer(z, training=True)
+    return z
 
 
 def _train_step(
@@ -104,11 +155,15 @@ def _train_step(
     masks: Sequence[tf.Variable | None],
     teacher: tf.Variable | None = None,
     soft: SoftTargets | None = None,
+    rows: tf.Variable | None = None,
+    compact: tuple[keras.layers.Layer, list[keras.layers.Layer]] | None = None,
 ) -> StepFn:
     """A compiled step ``(order, start) -> (loss sum, correct count)`` on the batch
     ``order[start : start + batch_size]`` of ``(x, y)``, traced once. ``masks`` has one entry
     per trainable variable (``None``: not masked). The loss sum is always the hard
-    cross-entropy (what is reported); with ``soft`` the gradient is the distillation loss's."""
+    cross-entropy (what is reported); with ``soft`` the gradient is the distillation loss's.
+    With ``rows`` and ``compact`` (the first ``Dense`` layer and the later layers), ``x`` holds
+    only the connected inputs ``rows`` of the flattened images (module docstring)."""
     variables = list(model.trainable_variables)
     from_logits = chain.steps[-1].activation != "softmax"
 
@@ -118,7 +173,10 @@ def _train_step(
         indices = order[start : start + batch_size]
         xb, yb = tf.gather(x, indices), tf.gather(y, indices)
         with tf.GradientTape() as tape:
-            output = model(xb, training=True)
+            if rows is None or compact is None:
+                output = model(xb, training=True)
+            else:
+                output = _compact_forward(xb, rows, *compact)
             per_sample = per_sample_loss(output, yb, "softmax_cross_entropy", from_logits)
             if soft is None or teacher is None:
                 loss = tf.reduce_mean(per_sample)
@@ -128,7 +186,11 @@ def _train_step(
             if model.losses:  # regularisers, if the model has any
                 loss = loss + tf.add_n(model.losses)
         grads = tape.gradient(loss, variables)
-        grads = [g if m is None else g * m for g, m in zip(grads, masks, strict=True)]
+        # (the gathered first kernel's gradient comes as IndexedSlices: made dense here)
+        grads = [
+            g if m is None else tf.convert_to_tensor(g) * m
+            for g, m in zip(grads, masks, strict=True)
+        ]
         optimizer.apply(grads, variables)
         for variable, mask in zip(variables, masks, strict=True):
             if mask is not None:
@@ -149,6 +211,7 @@ def _graphs(
     batch_size: int,
     masks: Mapping[str, np.ndarray],
     soft: SoftTargets | None,
+    compact_inputs: bool = True,
 ) -> _Graphs:
     """The compiled step for these arguments, with their values loaded: reused (no tracing) when
     this model was last trained with the same optimizer object and the same shapes, batch size,
@@ -165,7 +228,13 @@ def _graphs(
         batch_size,
         tuple(v.path in masks for v in variables),
         None if soft is None else (soft.temperature, soft.weight, soft.logits.shape),
+        compact_inputs,
     )
+    compact = _compact_layers(model, chain, masks) if compact_inputs else None
+    rows = None
+    if compact is not None:  # the data keep only the connected inputs, flattened
+        rows = connected_inputs(masks[chain.steps[0].kernel.path])
+        x = x.reshape(len(x), -1)[:, rows]
     graphs = cache.pop(key, None)
     if graphs is not None and graphs.optimizer is optimizer:
         graphs.data[0].assign(x)
@@ -175,16 +244,29 @@ def _graphs(
                 mask.assign(tf.constant(masks[variable.path], dtype=mask.dtype))
         if graphs.teacher is not None and soft is not None:
             graphs.teacher.assign(tf.constant(soft.logits, dtype=graphs.teacher.dtype))
+        if graphs.rows is not None and rows is not None:
+            graphs.rows.assign(rows)
     else:
-        data = (_variable(x, chain.dtype), _variable(y, y.dtype))
+        data = (_variable(x, chain.dtype, open_shape=compact is not None), _variable(y, y.dtype))
         mask_variables = [
             _variable(masks[v.path], v.dtype) if v.path in masks else None for v in variables
         ]
         teacher = None if soft is None else _variable(soft.logits, chain.dtype)
+        # any number of connected inputs: the shapes are left open
+        row_variable = None if rows is None else _variable(rows, tf.int32, open_shape=True)
         step = _train_step(
-            model, chain, optimizer, *data, batch_size, mask_variables, teacher, soft
+            model,
+            chain,
+            optimizer,
+            *data,
+            batch_size,
+            mask_variables,
+            teacher,
+            soft,
+            row_variable,
+            compact,
         )
-        graphs = _Graphs(optimizer, data, mask_variables, teacher, step, {})
+        graphs = _Graphs(optimizer, data, mask_variables, teacher, row_variable, step, {})
     cache[key] = graphs  # most recently used last
     while len(cache) > _GRAPHS_PER_MODEL:
         del cache[next(iter(cache))]
@@ -243,6 +325,7 @@ def fit_classifier(
     verbose: int = 0,
     on_step: StepCallback | None = None,
     soft_targets: SoftTargets | None = None,
+    compact_inputs: bool = True,
 ) -> dict[str, list[float]]:
     """Train ``model`` in place on the mean softmax cross-entropy of each mini-batch.
 
@@ -269,6 +352,8 @@ def fit_classifier(
             Python (slower, same updates).
         soft_targets: train on the distillation loss (module docstring) instead; its logits
             row ``i`` belongs to ``x[i]`` (the caller checks shapes and values).
+        compact_inputs: skip the inputs that lost every connection (module docstring); only
+            used for ``Dense`` networks whose first kernel is in ``masks``.
 
     Returns:
         Per-epoch lists ``loss`` (the hard cross-entropy, also with ``soft_targets``) and
@@ -284,7 +369,9 @@ def fit_classifier(
     if not optimizer.built:
         optimizer.build(model.trainable_variables)
     ya = ya.astype(label_spec(chain, "softmax_cross_entropy").dtype.as_numpy_dtype, copy=False)
-    graphs = _graphs(model, chain, optimizer, xa, ya, batch_size, masks or {}, soft_targets)
+    graphs = _graphs(
+        model, chain, optimizer, xa, ya, batch_size, masks or {}, soft_targets, compact_inputs
+    )
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     if evaluator is not None:
         history.update(val_loss=[], val_accuracy=[])
@@ -314,5 +401,6 @@ __all__ = [
     "StepCallback",
     "StepFn",
     "check_classifier",
+    "connected_inputs",
     "fit_classifier",
 ]

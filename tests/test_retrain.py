@@ -10,6 +10,7 @@ from helpers.data import load_mnist
 from helpers.models import build_mlp
 from helpers.pruning import apply_masks, masks_from_scores, removal_count, snapshot
 from helpers.retrain import (
+    check_round_epochs,
     check_schedule,
     iterative_prune,
     magnitude_saliency,
@@ -20,7 +21,7 @@ from helpers.retrain import (
 )
 from helpers.runtime import keras, tf
 from helpers.saliency import magnitude
-from helpers.training import SoftTargets, _distillation_loss
+from helpers.training import SoftTargets, _distillation_loss, connected_inputs
 
 Arrays = tuple[np.ndarray, np.ndarray]
 
@@ -186,7 +187,9 @@ def test_a_snapshot_taken_before_retraining_restores_every_weight(mnist_subset) 
     before = [v.numpy().copy() for v in model.variables]  # kernels, biases, dropout seed state
     original = snapshot(model)
     masked_fit(model, half_masks(model), x, y, epochs=1)
-    assert any(not np.array_equal(v.numpy(), b) for v, b in zip(model.variables, before, strict=True))
+    assert any(
+        not np.array_equal(v.numpy(), b) for v, b in zip(model.variables, before, strict=True)
+    )
     original.restore()
     for variable, value in zip(model.variables, before, strict=True):
         np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
@@ -396,11 +399,15 @@ def test_distillation_loss_is_hintons_formula() -> None:
         e = np.exp(a - a.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
 
-    expected = 0.3 * hard - 0.7 * 2.5**2 * np.sum(softmax(t / 2.5) * np.log(softmax(z / 2.5)), axis=1)
+    expected = 0.3 * hard - 0.7 * 2.5**2 * np.sum(
+        softmax(t / 2.5) * np.log(softmax(z / 2.5)), axis=1
+    )
     got = _distillation_loss(tf.constant(z), tf.constant(hard), tf.constant(t), soft, True)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
     # a model ending in softmax gives probabilities: the same loss from log p
-    probs = _distillation_loss(tf.constant(softmax(z)), tf.constant(hard), tf.constant(t), soft, False)
+    probs = _distillation_loss(
+        tf.constant(softmax(z)), tf.constant(hard), tf.constant(t), soft, False
+    )
     np.testing.assert_allclose(probs.numpy(), expected, rtol=1e-10)
 
 
@@ -440,7 +447,9 @@ def test_weight_zero_is_plain_retraining_and_distilling_pulls_towards_the_teache
 
     def soft_ce(model: keras.Model) -> float:
         p_t = tf.nn.softmax(teacher(x, training=False) / 4.0)
-        return float(-tf.reduce_mean(tf.reduce_sum(p_t * tf.nn.log_softmax(model(x) / 4.0), axis=1)))
+        return float(
+            -tf.reduce_mean(tf.reduce_sum(p_t * tf.nn.log_softmax(model(x) / 4.0), axis=1))
+        )
 
     assert soft_ce(runs["distilled"]) < soft_ce(runs["plain"])
     assert agreement(runs["distilled"]) > agreement(runs["plain"])
@@ -464,10 +473,125 @@ def test_distillation_arguments_are_checked(mnist_subset) -> None:
         masked_fit(model, masks, x, y, epochs=1, distill=np.zeros((len(x), 10)))
     with pytest.raises(ValueError, match="teacher_targets"):
         iterative_prune(
-            model, x, y, schedule=[0.5], saliency=magnitude_saliency(), epochs_per_round=1,
+            model,
+            x,
+            y,
+            schedule=[0.5],
+            saliency=magnitude_saliency(),
+            epochs_per_round=1,
             distill="teacher",
         )
     broken = tiny()
     broken.layers[-1].kernel.assign(np.full(broken.layers[-1].kernel.shape, np.inf, np.float32))
     with pytest.raises(ValueError, match="not finite"):
         teacher_targets(broken, x[:10])
+
+
+def test_iterative_prune_takes_one_epoch_count_per_round(mnist_subset) -> None:
+    (x, y), _ = mnist_subset
+    model = tiny()
+    results = iterative_prune(
+        model,
+        x,
+        y,
+        schedule=[0.3, 0.6, 0.8],
+        saliency=magnitude_saliency(),
+        epochs_per_round=[0, 2, 1],
+    )
+    assert [len(r.history["loss"]) for r in results] == [0, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("epochs", "message"),
+    [
+        ([1, 2], "has 2 entries for a schedule of 3 fractions"),
+        ([1, -1, 2], "epochs_per_round entries must be a non-negative int, got -1"),
+        ([1, 1.5, 2], "epochs_per_round entries must be a non-negative int, got 1.5"),
+        (-2, "epochs_per_round must be a non-negative int, got -2"),
+        ("3", "epochs_per_round must be a non-negative int, got '3'"),
+    ],
+)
+def test_bad_epochs_per_round_are_rejected(epochs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_round_epochs(epochs, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# skipping the inputs that lost every connection
+# ---------------------------------------------------------------------------------------------
+
+
+def masks_cutting_inputs(model: keras.Model, cut: np.ndarray) -> dict[str, np.ndarray]:
+    """Magnitude masks at 40%, with every first-layer weight of the inputs ``cut`` removed too."""
+    masks = masks_from_scores(magnitude(model), 0.4)
+    first = model.get_layer("dense_1").kernel.path
+    masks[first][cut] = False
+    return masks
+
+
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.2])
+def test_skipping_disconnected_inputs_is_the_full_product_without_its_zero_terms(
+    mnist_subset, dropout_rate
+) -> None:
+    (x, y), _ = mnist_subset
+    cut = np.arange(0, 784, 3)  # a third of the pixels lose every weight
+    trained = {}
+    for compact in (False, True):
+        model = tiny(dropout_rate=dropout_rate)
+        masks = masks_cutting_inputs(model, cut)
+        history = masked_fit(model, masks, x, y, epochs=2, seed=3, compact_inputs=compact)
+        trained[compact] = (kernels(model), biases(model), history["loss"])
+        graphs = next(iter(model.__dict__[training._GRAPHS_ATTRIBUTE].values()))
+        if compact:  # the step really ran on the connected inputs only
+            assert graphs.data[0].numpy().shape == (len(x), 784 - cut.size)
+            np.testing.assert_array_equal(graphs.rows.numpy(), np.setdiff1d(np.arange(784), cut))
+        else:
+            assert graphs.rows is None
+        for path, kernel in kernels(model).items():
+            assert np.all(kernel[~masks[path]] == 0.0)
+    (k0, b0, loss0), (k1, b1, loss1) = trained[False], trained[True]
+    for path in k0:
+        np.testing.assert_allclose(k1[path], k0[path], atol=2e-5, err_msg=path)
+    for path in b0:
+        np.testing.assert_allclose(b1[path], b0[path], atol=2e-5, err_msg=path)
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+
+
+def test_a_reused_compact_step_takes_the_new_connected_inputs(mnist_subset) -> None:
+    """A second call with other disconnected inputs reuses the step (no new trace) and equals
+    the full product again: the connected inputs and the data are reloaded, not kept."""
+    (x, y), _ = mnist_subset
+    results = {}
+    first = masks_cutting_inputs(tiny(), np.arange(0, 784, 3))
+    second = masks_cutting_inputs(tiny(), np.arange(0, 784, 2))
+    for compact in (False, True):
+        model = tiny()
+        masked_fit(model, first, x, y, epochs=1, seed=0, compact_inputs=compact)
+        traces = training.traces
+        masked_fit(model, second, x, y, epochs=1, seed=1, compact_inputs=compact)
+        assert training.traces == traces
+        results[compact] = kernels(model)
+    for path in results[False]:
+        np.testing.assert_allclose(results[True][path], results[False][path], atol=2e-5)
+
+
+def test_connected_inputs_are_the_rows_with_a_kept_weight() -> None:
+    mask = np.array([[False, False], [True, False], [False, False], [True, True]])
+    np.testing.assert_array_equal(connected_inputs(mask), [1, 3])
+    assert connected_inputs(np.zeros((3, 2), bool)).size == 0
+
+
+def test_an_ensemble_of_teachers_gives_the_mean_of_their_logits(mnist_subset) -> None:
+    (x, _), _ = mnist_subset
+    teachers = [tiny(seed=s) for s in (4, 5, 6)]
+    soft = teacher_targets(teachers, x[:300], temperature=2.0, weight=0.7)
+    expected = np.mean([t(x[:300], training=False).numpy() for t in teachers], axis=0)
+    np.testing.assert_allclose(soft.logits, expected, rtol=1e-5, atol=1e-6)
+    assert soft.logits.dtype == np.float32 and (soft.temperature, soft.weight) == (2.0, 0.7)
+    # one teacher in a list is that teacher
+    alone = teacher_targets([teachers[0]], x[:300])
+    np.testing.assert_array_equal(alone.logits, teacher_targets(teachers[0], x[:300]).logits)
+    with pytest.raises(ValueError, match="empty sequence"):
+        teacher_targets([], x[:10])
+    with pytest.raises(ValueError, match="disagree on the shape"):
+        teacher_targets([teachers[0], build_mlp(hidden=(16,), num_classes=5, seed=0)], x[:10])
