@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> dict:
 
         seconds = median_seconds(
             {
-                (compact, epochs): (lambda c=compact, e=epochs: fit(c, e))
+                f"{compact} {epochs}": (lambda c=compact, e=epochs: fit(c, e))
                 for compact in (False, True)
                 for epochs in (1, 6)
             },
             args.repeats,
         )
-        epoch = {c: (seconds[c, 6] - seconds[c, 1]) / 5 for c in (False, True)}
-        setup = {c: seconds[c, 1] - epoch[c] for c in (False, True)}
+        epoch = {c: (seconds[f"{c} 6"] - seconds[f"{c} 1"]) / 5 for c in (False, True)}
+        setup = {c: seconds[f"{c} 1"] - epoch[c] for c in (False, True)}
         kept = int(connected_inputs(masks[first]).size)
         ratio = epoch[False] / epoch[True]
         print(

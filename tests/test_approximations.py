@@ -174,17 +174,9 @@ def test_empirical_fisher_equals_per_sample_gradient_loop(activation: str, loss:
     model, x, y = tiny(activation, loss)
     kernels = [layer.kernel for layer in model.layers]
     squares = [np.zeros(k.shape) for k in kernels]
-    for n in range(len(x)):
-        with tf.GradientTape() as tape:
-            out = model(x[n : n + 1])
-            if loss == "mse":
-                value = keras.losses.mean_squared_error(y[n : n + 1], out)[0]
-            else:
-                value = keras.losses.sparse_categorical_crossentropy(
-                    y[n : n + 1], out, from_logits=True
-                )[0]
-        for total, g in zip(squares, tape.gradient(value, kernels), strict=True):
-            total += g.numpy() ** 2
+    for grads in per_sample_gradients(model, x, y, loss):
+        for total, g in zip(squares, grads, strict=True):
+            total += g**2
     estimate = empirical_fisher(model, x, y, batch_size=5)  # ragged batches: 5, 5, 2
     assert list(estimate) == [k.path for k in kernels]
     for kernel, total in zip(kernels, squares, strict=True):
