@@ -208,7 +208,7 @@ def _check_distill(distill: object, n: int, classes: int) -> SoftTargets | None:
 
 
 _OPTIMIZERS_ATTRIBUTE = "_helpers_retrain_optimizers"
-_OPTIMIZERS_PER_MODEL = 4
+_OPTIMIZERS_PER_MODEL = 16
 
 
 def _fresh_adam(

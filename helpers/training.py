@@ -21,6 +21,17 @@ the weights of an MNIST network (39,200 of 47,200) and heavy pruning disconnects
 90% removed by OBD, about 340 of 784 stay connected), so this cuts the arithmetic of a step
 roughly in proportion. The result is the same sum without its zero terms: equal up to float32
 rounding, not bit for bit, to the full product (``compact_inputs=False`` keeps the full one).
+During a call the connected rows of the first kernel, of its mask and of its two Adam moments are
+copied into variables of their own, the step updates those, and they are written back after every
+epoch (after every step with ``on_step``): a pruned input's row costs nothing, not even its update.
+
+**A lean Adam step.** Keras' ``optimizer.apply`` builds several hundred small graph operations for
+the ten variables of the MNIST network (per variable it recomputes the step's powers of
+:math:`\beta_1, \beta_2`, goes through the distribution machinery, and so on); at a mini-batch of
+128 or 256 those operations cost more than the arithmetic. For a plain ``keras.optimizers.Adam``
+(no AMSGrad, clipping, EMA, gradient accumulation or loss scaling, outside a distribution
+strategy) the step applies the same update with few operations, written as Keras writes it, so the
+results are bitwise the same (tested); any other optimizer goes through ``optimizer.apply``.
 
 With ``soft_targets`` the loss of each sample is Hinton et al.'s (2015) distillation loss,
 :math:`(1-\alpha)\,\mathrm{CE}(y, \sigma(z)) + \alpha\,T^2\,\mathrm{CE}(\sigma(t/T), \sigma(z/T))`
@@ -82,8 +93,10 @@ def _distillation_loss(
 #: How many times a training step has been traced in this process (tests check the reuse below).
 traces = 0
 #: Compiled graphs kept per model (the most recently used); each keeps its optimizer alive.
-_GRAPHS_PER_MODEL = 4
+#: Chapter 08 retrains each network with 8 settings (epoch counts, with and without a teacher).
+_GRAPHS_PER_MODEL = 16
 _GRAPHS_ATTRIBUTE = "_helpers_training_graphs"
+_DATA_ATTRIBUTE = "_helpers_training_data"
 
 
 @dataclass
@@ -96,7 +109,7 @@ class _Graphs:
     data: tuple[tf.Variable, tf.Variable]
     masks: list[tf.Variable | None]
     teacher: tf.Variable | None
-    rows: tf.Variable | None
+    compact: _Compact | None
     step: StepFn
     epochs: dict[int, EpochFn]
 
@@ -118,29 +131,162 @@ def _compact_layers(
     model: keras.Model, chain: Chain, masks: Mapping[str, np.ndarray]
 ) -> tuple[keras.layers.Layer, list[keras.layers.Layer]] | None:
     """The first ``Dense`` layer and the layers after it, when the step may skip disconnected
-    inputs: a chain of ``Dense`` layers (``Flatten`` only first) whose first kernel is masked."""
+    inputs: a chain of ``Dense`` layers (``Flatten`` only first) whose first kernel is masked
+    and has no regulariser or constraint (both would need the whole kernel)."""
     first = chain.steps[0]
     if not chain.dense_only or first.kernel.path not in masks:
+        return None
+    if first.layer.kernel_regularizer is not None or first.layer.kernel_constraint is not None:
         return None
     layers = list(model.layers)
     index = next(i for i, layer in enumerate(layers) if layer is first.layer)
     return first.layer, layers[index + 1 :]
 
 
-def _compact_forward(
-    xb: tf.Tensor,
-    rows: tf.Tensor,
-    first: keras.layers.Layer,
-    rest: Sequence[keras.layers.Layer],
-) -> tf.Tensor:
+def _lean_adam_applies(optimizer: keras.optimizers.Optimizer, variables: Sequence) -> bool:
+    """Whether :func:`_adam_update` gives ``optimizer.apply``'s update: a plain Keras Adam,
+    float32 variables without constraints, no distribution strategy (module docstring)."""
+    return (
+        type(optimizer) is keras.optimizers.Adam
+        and not optimizer.amsgrad
+        and optimizer.clipnorm is None
+        and optimizer.clipvalue is None
+        and optimizer.global_clipnorm is None
+        and not optimizer.use_ema
+        and not optimizer.gradient_accumulation_steps
+        and optimizer.loss_scale_factor is None
+        and not tf.distribute.has_strategy()
+        and all(v.dtype == "float32" and v.constraint is None for v in variables)
+        and all(
+            hasattr(optimizer, name)
+            for name in ("_momentums", "_velocities", "_get_variable_index", "_use_weight_decay")
+        )
+    )
+
+
+@dataclass(frozen=True)
+class _Update:
+    """One variable the lean Adam step updates: the variable, its two moments and whether the
+    optimizer applies weight decay to it."""
+
+    variable: tf.Variable
+    momentum: tf.Variable
+    velocity: tf.Variable
+    decay: bool
+
+
+def _tf_variable(variable: object) -> tf.Variable:
+    """The ``tf.Variable`` behind a Keras variable (a ``tf.Variable`` as it is)."""
+    return (
+        getattr(variable, "value", variable) if not isinstance(variable, tf.Variable) else variable
+    )
+
+
+def _adam_updates(optimizer: keras.optimizers.Adam, variables: Sequence) -> list[_Update]:
+    """The :class:`_Update` of each of the model's ``variables`` (the optimizer is built)."""
+    updates = []
+    for variable in variables:
+        index = optimizer._get_variable_index(variable)
+        updates.append(
+            _Update(
+                _tf_variable(variable),
+                _tf_variable(optimizer._momentums[index]),
+                _tf_variable(optimizer._velocities[index]),
+                bool(optimizer._use_weight_decay(variable)),
+            )
+        )
+    return updates
+
+
+def _adam_update(
+    optimizer: keras.optimizers.Adam, grads: Sequence[tf.Tensor], updates: Sequence[_Update]
+) -> None:
+    r"""Keras' Adam step (``optimizer.apply``) on ``updates`` with fewer graph operations: the
+    same arithmetic in the same order, so bitwise the same values (module docstring).
+
+    Decoupled weight decay first, :math:`w \leftarrow w - w\,\lambda\,\eta`; then
+    :math:`m \mathrel{+}= (g - m)(1-\beta_1)`, :math:`v \mathrel{+}= (g^2 - v)(1-\beta_2)`,
+    :math:`w \mathrel{-}= m\,\alpha / (\sqrt v + \epsilon)` with
+    :math:`\alpha = \eta\sqrt{1-\beta_2^t}/(1-\beta_1^t)` at step :math:`t`; then the step
+    count.
+    """
+    if optimizer.weight_decay is not None:
+        for update in updates:
+            if update.decay:
+                # the learning rate is read for each variable, as Keras does: sharing one read
+                # lets the graph optimiser regroup the products and round differently
+                lr = tf.cast(optimizer.learning_rate, update.variable.dtype)
+                decay = tf.cast(optimizer.weight_decay, update.variable.dtype)
+                update.variable.assign_sub(update.variable * decay * lr)
+    dtype = tf.float32
+    lr = tf.cast(optimizer.learning_rate, dtype)
+    local_step = tf.cast(optimizer.iterations + 1, dtype)
+    beta_1_power = tf.pow(tf.cast(optimizer.beta_1, dtype), local_step)
+    beta_2_power = tf.pow(tf.cast(optimizer.beta_2, dtype), local_step)
+    alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+    one_minus_beta_1 = tf.constant(1 - optimizer.beta_1, dtype)
+    one_minus_beta_2 = tf.constant(1 - optimizer.beta_2, dtype)
+    epsilon = tf.constant(optimizer.epsilon, dtype)
+    for grad, update in zip(grads, updates, strict=True):
+        m, v = update.momentum, update.velocity
+        m.assign_add((grad - m) * one_minus_beta_1)
+        v.assign_add((tf.square(grad) - v) * one_minus_beta_2)
+        update.variable.assign_sub((m * alpha) / (tf.sqrt(v) + epsilon))
+    optimizer.iterations.assign_add(1)
+
+
+@dataclass
+class _Compact:
+    """The first ``Dense`` layer's connected rows during a call (module docstring): the
+    layer, the later layers, the rows, and variables holding those rows of the kernel, its mask
+    and its two Adam moments, next to the full-size ones they are copied from and back to."""
+
+    first: keras.layers.Layer
+    rest: list[keras.layers.Layer]
+    rows: tf.Variable
+    kernel: tf.Variable
+    mask: tf.Variable
+    momentum: tf.Variable
+    velocity: tf.Variable
+    full: _Update
+    decay: bool
+
+    def load(self, rows: np.ndarray, mask: np.ndarray) -> None:
+        """Copy the rows ``rows`` of the kernel, the mask and the moments in."""
+        self.rows.assign(rows)
+        self.mask.assign(tf.constant(mask[rows], dtype=self.mask.dtype))
+        for compact, full in (
+            (self.kernel, self.full.variable),
+            (self.momentum, self.full.momentum),
+            (self.velocity, self.full.velocity),
+        ):
+            compact.assign(tf.gather(full, self.rows))
+
+    def store(self) -> None:
+        """Write the rows back into the full kernel and moments."""
+        indices = self.rows[:, None]
+        for compact, full in (
+            (self.kernel, self.full.variable),
+            (self.momentum, self.full.momentum),
+            (self.velocity, self.full.velocity),
+        ):
+            full.scatter_nd_update(indices, compact)
+
+    def update(self) -> _Update:
+        """The compact kernel as the lean Adam step updates it."""
+        return _Update(self.kernel, self.momentum, self.velocity, self.decay)
+
+
+def _compact_forward(xb: tf.Tensor, compact: _Compact) -> tf.Tensor:
     """The model's training-mode output from a mini-batch ``xb`` that holds only the connected
-    inputs ``rows`` (flattened): ``activation(xb @ kernel[rows] + bias)``, then the later layers
-    as the model calls them."""
-    z = tf.matmul(xb, tf.gather(first.kernel, rows))
+    inputs (flattened): ``activation(xb @ kernel[rows] + bias)``, then the later layers as the
+    model calls them."""
+    first = compact.first
+    z = tf.matmul(xb, compact.kernel)
     if first.use_bias:
         z = z + first.bias
     z = first.activation(z)
-    for layer in rest:
+    for layer in compact.rest:
         z = layer(z, training=True)
     return z
 
@@ -155,16 +301,25 @@ def _train_step(
     masks: Sequence[tf.Variable | None],
     teacher: tf.Variable | None = None,
     soft: SoftTargets | None = None,
-    rows: tf.Variable | None = None,
-    compact: tuple[keras.layers.Layer, list[keras.layers.Layer]] | None = None,
+    compact: _Compact | None = None,
+    lean: bool = False,
 ) -> StepFn:
     """A compiled step ``(order, start) -> (loss sum, correct count)`` on the batch
     ``order[start : start + batch_size]`` of ``(x, y)``, traced once. ``masks`` has one entry
     per trainable variable (``None``: not masked). The loss sum is always the hard
     cross-entropy (what is reported); with ``soft`` the gradient is the distillation loss's.
-    With ``rows`` and ``compact`` (the first ``Dense`` layer and the later layers), ``x`` holds
-    only the connected inputs ``rows`` of the flattened images (module docstring)."""
+    With ``compact`` (only with ``lean``), ``x`` holds only the connected inputs of the
+    flattened images and the step trains ``compact.kernel`` in place of the first kernel; with
+    ``lean`` the update is :func:`_adam_update` (module docstring)."""
     variables = list(model.trainable_variables)
+    step_masks = list(masks)
+    trained: list = list(variables)
+    updates = _adam_updates(optimizer, variables) if lean else []
+    if compact is not None:
+        index = next(i for i, v in enumerate(variables) if v is compact.first.kernel)
+        trained[index] = compact.kernel
+        step_masks[index] = compact.mask
+        updates[index] = compact.update()
     from_logits = chain.steps[-1].activation != "softmax"
 
     def step(order: tf.Tensor, start: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -173,10 +328,10 @@ def _train_step(
         indices = order[start : start + batch_size]
         xb, yb = tf.gather(x, indices), tf.gather(y, indices)
         with tf.GradientTape() as tape:
-            if rows is None or compact is None:
+            if compact is None:
                 output = model(xb, training=True)
             else:
-                output = _compact_forward(xb, rows, *compact)
+                output = _compact_forward(xb, compact)
             per_sample = per_sample_loss(output, yb, "softmax_cross_entropy", from_logits)
             if soft is None or teacher is None:
                 loss = tf.reduce_mean(per_sample)
@@ -185,14 +340,13 @@ def _train_step(
                 loss = tf.reduce_mean(_distillation_loss(output, per_sample, tb, soft, from_logits))
             if model.losses:  # regularisers, if the model has any
                 loss = loss + tf.add_n(model.losses)
-        grads = tape.gradient(loss, variables)
-        # (the gathered first kernel's gradient comes as IndexedSlices: made dense here)
-        grads = [
-            g if m is None else tf.convert_to_tensor(g) * m
-            for g, m in zip(grads, masks, strict=True)
-        ]
-        optimizer.apply(grads, variables)
-        for variable, mask in zip(variables, masks, strict=True):
+        grads = tape.gradient(loss, trained)
+        grads = [g if m is None else g * m for g, m in zip(grads, step_masks, strict=True)]
+        if lean:
+            _adam_update(optimizer, grads, updates)
+        else:
+            optimizer.apply(grads, variables)
+        for variable, mask in zip(trained, step_masks, strict=True):
             if mask is not None:
                 variable.assign(variable * mask)
         correct = tf.equal(tf.argmax(output, axis=-1, output_type=yb.dtype), yb)
@@ -200,6 +354,38 @@ def _train_step(
 
     signature = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)]
     return tf.function(step, input_signature=signature)
+
+
+def _new_compact(
+    optimizer: keras.optimizers.Adam,
+    chain: Chain,
+    layers: tuple[keras.layers.Layer, list[keras.layers.Layer]],
+    rows: np.ndarray,
+) -> _Compact:
+    """Empty compact variables (shapes left open: any number of connected inputs)."""
+    first, rest = layers
+    kernel = first.kernel
+    width = int(kernel.shape[1])
+
+    def open_variable(trainable: bool = False) -> tf.Variable:
+        return tf.Variable(
+            tf.zeros([len(rows), width], kernel.dtype),
+            trainable=trainable,
+            shape=tf.TensorShape([None, width]),
+        )
+
+    (full,) = _adam_updates(optimizer, [kernel])
+    return _Compact(
+        first=first,
+        rest=rest,
+        rows=_variable(rows, tf.int32, open_shape=True),
+        kernel=open_variable(trainable=True),
+        mask=open_variable(),
+        momentum=open_variable(),
+        velocity=open_variable(),
+        full=full,
+        decay=full.decay,
+    )
 
 
 def _graphs(
@@ -219,41 +405,42 @@ def _graphs(
     cache: dict[tuple, _Graphs] = model.__dict__.get(_GRAPHS_ATTRIBUTE, {})
     object.__setattr__(model, _GRAPHS_ATTRIBUTE, cache)  # not a Keras-tracked attribute
     variables = list(model.trainable_variables)
+    lean = _lean_adam_applies(optimizer, variables)
+    layers = _compact_layers(model, chain, masks) if compact_inputs and lean else None
+    rows = None
+    first_mask = None
+    if layers is not None:  # the data keep only the connected inputs, flattened
+        first_mask = np.asarray(masks[chain.steps[0].kernel.path], dtype=bool)
+        rows = connected_inputs(first_mask)
+        if not _disconnected_moments_are_zero(optimizer, layers[0].kernel, rows):
+            layers, rows = None, None  # the full step would move them: no shortcut
+        else:
+            x = x.reshape(len(x), -1)[:, rows]
     key = (
         id(optimizer),
-        x.shape,
+        x.shape if rows is None else x.shape[:1],
         str(x.dtype),
         y.shape,
         str(y.dtype),
         batch_size,
         tuple(v.path in masks for v in variables),
         None if soft is None else (soft.temperature, soft.weight, soft.logits.shape),
-        compact_inputs,
+        rows is not None,
     )
-    compact = _compact_layers(model, chain, masks) if compact_inputs else None
-    rows = None
-    if compact is not None:  # the data keep only the connected inputs, flattened
-        rows = connected_inputs(masks[chain.steps[0].kernel.path])
-        x = x.reshape(len(x), -1)[:, rows]
+    data = _shared_data(model, x, y, chain.dtype, open_shape=rows is not None)
     graphs = cache.pop(key, None)
     if graphs is not None and graphs.optimizer is optimizer:
-        graphs.data[0].assign(x)
-        graphs.data[1].assign(y)
         for variable, mask in zip(variables, graphs.masks, strict=True):
             if mask is not None:
                 mask.assign(tf.constant(masks[variable.path], dtype=mask.dtype))
         if graphs.teacher is not None and soft is not None:
             graphs.teacher.assign(tf.constant(soft.logits, dtype=graphs.teacher.dtype))
-        if graphs.rows is not None and rows is not None:
-            graphs.rows.assign(rows)
     else:
-        data = (_variable(x, chain.dtype, open_shape=compact is not None), _variable(y, y.dtype))
         mask_variables = [
             _variable(masks[v.path], v.dtype) if v.path in masks else None for v in variables
         ]
         teacher = None if soft is None else _variable(soft.logits, chain.dtype)
-        # any number of connected inputs: the shapes are left open
-        row_variable = None if rows is None else _variable(rows, tf.int32, open_shape=True)
+        compact = None if layers is None else _new_compact(optimizer, chain, layers, rows)
         step = _train_step(
             model,
             chain,
@@ -263,14 +450,48 @@ def _graphs(
             mask_variables,
             teacher,
             soft,
-            row_variable,
             compact,
+            lean,
         )
-        graphs = _Graphs(optimizer, data, mask_variables, teacher, row_variable, step, {})
+        graphs = _Graphs(optimizer, data, mask_variables, teacher, compact, step, {})
+    if graphs.compact is not None and rows is not None and first_mask is not None:
+        graphs.compact.load(rows, first_mask)
     cache[key] = graphs  # most recently used last
     while len(cache) > _GRAPHS_PER_MODEL:
         del cache[next(iter(cache))]
     return graphs
+
+
+def _shared_data(
+    model: keras.Model, x: np.ndarray, y: np.ndarray, dtype: str, open_shape: bool
+) -> tuple[tf.Variable, tf.Variable]:
+    """Variables holding ``x`` and ``y``, one pair per model and shape (``open_shape``: any
+    number of columns) shared by all its compiled steps, so that keeping many steps does not keep
+    many copies of the training set; each call assigns its data before it runs."""
+    store: dict[tuple, tf.Variable] = model.__dict__.get(_DATA_ATTRIBUTE, {})
+    object.__setattr__(model, _DATA_ATTRIBUTE, store)  # not a Keras-tracked attribute
+    keys = (
+        ("x", np.ndim(x) if open_shape else x.shape, str(dtype), open_shape),
+        ("y", y.shape, str(y.dtype), False),
+    )
+    for key, value, value_dtype in ((keys[0], x, dtype), (keys[1], y, y.dtype)):
+        if key in store:
+            store[key].assign(tf.constant(value, dtype=store[key].dtype))
+        else:
+            store[key] = _variable(value, value_dtype, open_shape=key[3])
+    return store[keys[0]], store[keys[1]]
+
+
+def _disconnected_moments_are_zero(
+    optimizer: keras.optimizers.Adam, kernel: tf.Variable, rows: np.ndarray
+) -> bool:
+    """Whether the first kernel's Adam moments are zero on every input outside ``rows``: then
+    the full step leaves those rows alone (gradient 0, moments 0, update 0), as the compact
+    step does. A fresh optimizer (as :func:`helpers.retrain.masked_fit` uses) passes."""
+    (full,) = _adam_updates(optimizer, [kernel])
+    outside = np.ones(int(kernel.shape[0]), dtype=bool)
+    outside[rows] = False
+    return not any(np.any(np.asarray(m.numpy())[outside]) for m in (full.momentum, full.velocity))
 
 
 def _compiled_epoch(step: StepFn, n: int, batch_size: int, dtype: str) -> EpochFn:
@@ -288,22 +509,25 @@ def _compiled_epoch(step: StepFn, n: int, batch_size: int, dtype: str) -> EpochF
 
 
 def _observed_epoch(
-    step: StepFn,
+    graphs: _Graphs,
     n: int,
     batch_size: int,
     dtype: str,
     optimizer: keras.optimizers.Optimizer,
     on_step: StepCallback,
 ) -> EpochFn:
-    """The same pass, calling ``step`` from Python and ``on_step`` after each step."""
+    """The same pass, calling the step from Python and ``on_step`` after each step (with the
+    compact rows written back first, so ``on_step`` sees the model and optimizer as they are)."""
     count = 0
 
     def epoch(order: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         nonlocal count
         loss_sum, correct = tf.zeros([], dtype=dtype), tf.zeros([], dtype=tf.int32)
         for start in range(0, n, batch_size):
-            batch_loss, batch_correct = step(order, tf.constant(start, dtype=tf.int32))
+            batch_loss, batch_correct = graphs.step(order, tf.constant(start, dtype=tf.int32))
             loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
+            if graphs.compact is not None:
+                graphs.compact.store()
             on_step(count, optimizer)
             count += 1
         return loss_sum, correct
@@ -380,9 +604,11 @@ def fit_classifier(
             graphs.epochs[n] = _compiled_epoch(graphs.step, n, batch_size, chain.dtype)
         run_epoch = graphs.epochs[n]
     else:
-        run_epoch = _observed_epoch(graphs.step, n, batch_size, chain.dtype, optimizer, on_step)
+        run_epoch = _observed_epoch(graphs, n, batch_size, chain.dtype, optimizer, on_step)
     for epoch in range(epochs):
         loss_sum, correct = run_epoch(tf.constant(rng.permutation(n), dtype=tf.int32))
+        if graphs.compact is not None:
+            graphs.compact.store()  # the trained rows back into the model (and the moments)
         history["loss"].append(float(loss_sum) / n)
         history["accuracy"].append(int(correct) / n)
         if evaluator is not None:

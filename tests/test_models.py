@@ -412,8 +412,14 @@ def test_lenet5_bad_arguments(kwargs: dict, match: str) -> None:
         ({"lr_schedule": "linear"}, "lr_schedule"),
         ({"weight_decay": float("nan")}, "weight_decay"),
         ({"seed": -2}, "seed"),
-        ({"data": ((np.zeros((4, 784)), np.zeros(4)), (np.zeros((2, 784)), np.zeros(2)))}, "LeNet-5 needs images"),
-        ({"data": ((np.zeros((4, 12, 12)), np.zeros(4)), (np.zeros((2, 12, 12)), np.zeros(2)))}, "at least 16x16"),
+        (
+            {"data": ((np.zeros((4, 784)), np.zeros(4)), (np.zeros((2, 784)), np.zeros(2)))},
+            "LeNet-5 needs images",
+        ),
+        (
+            {"data": ((np.zeros((4, 12, 12)), np.zeros(4)), (np.zeros((2, 12, 12)), np.zeros(2)))},
+            "at least 16x16",
+        ),
         ({"data": _arrays(train_label=-1)}, "labels"),
     ],
 )
@@ -500,7 +506,9 @@ def test_lenet5_and_mlp_entries_do_not_collide(
     assert lenet_first.cache_key != first.cache_key
 
 
-def test_processes_wanting_the_same_network_train_it_once(small_data, tmp_path, monkeypatch) -> None:
+def test_processes_wanting_the_same_network_train_it_once(
+    small_data, tmp_path, monkeypatch
+) -> None:
     """Two trainers started together (as pytest-xdist runs notebooks in parallel): the lock on
     the cache entry makes the second wait and load the first one's network."""
     import threading
@@ -517,7 +525,9 @@ def test_processes_wanting_the_same_network_train_it_once(small_data, tmp_path, 
     monkeypatch.setattr(models, "_fit", slow_fit)
     results: list[TrainedModel] = []
     threads = [
-        threading.Thread(target=lambda: results.append(train_mlp(**SMALL, data=small_data, cache_dir=tmp_path)))
+        threading.Thread(
+            target=lambda: results.append(train_mlp(**SMALL, data=small_data, cache_dir=tmp_path))
+        )
         for _ in range(2)
     ]
     for thread in threads:
