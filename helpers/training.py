@@ -24,14 +24,15 @@ rounding, not bit for bit, to the full product (``compact_inputs=False`` keeps t
 During a call the connected rows of the first kernel, of its mask and of its two Adam moments are
 copied into variables of their own, the step updates those, and they are written back after every
 epoch (after every step with ``on_step``): a pruned input's row costs nothing, not even its update.
+This needs the lean Adam step below (it keeps those moments); with any other optimizer, or with
+non-zero moments left on a disconnected input, every input is multiplied.
 
-**A lean Adam step.** Keras' ``optimizer.apply`` builds several hundred small graph operations for
-the ten variables of the MNIST network (per variable it recomputes the step's powers of
-:math:`\beta_1, \beta_2`, goes through the distribution machinery, and so on); at a mini-batch of
-128 or 256 those operations cost more than the arithmetic. For a plain ``keras.optimizers.Adam``
-(no AMSGrad, clipping, EMA, gradient accumulation or loss scaling, outside a distribution
-strategy) the step applies the same update with few operations, written as Keras writes it, so the
-results are bitwise the same (tested); any other optimizer goes through ``optimizer.apply``.
+**A lean Adam step.** For a plain ``keras.optimizers.Adam`` (no AMSGrad, clipping, EMA, gradient
+accumulation or loss scaling, outside a distribution strategy) the step applies Keras' update
+itself, written as Keras writes it with fewer graph operations, so the values are bitwise the same
+(tested against ``optimizer.apply``); any other optimizer goes through ``optimizer.apply``. On its
+own this is not measurably faster (``benchmarks/train_speed.py``: 1.03x for dense training); what
+it buys is the compact first kernel above, whose Adam moments it keeps with the rows.
 
 With ``soft_targets`` the loss of each sample is Hinton et al.'s (2015) distillation loss,
 :math:`(1-\alpha)\,\mathrm{CE}(y, \sigma(z)) + \alpha\,T^2\,\mathrm{CE}(\sigma(t/T), \sigma(z/T))`
@@ -101,15 +102,16 @@ _DATA_ATTRIBUTE = "_helpers_training_data"
 
 @dataclass
 class _Graphs:
-    """What one compiled training step captures: the optimizer it applies, and variables that
-    hold the data, the masks and the teacher's logits, so a later call with other values of the
-    same shapes assigns them instead of tracing a new graph."""
+    """What one compiled training step captures: the optimizer it applies (with the lean step or
+    not), and variables that hold the data, the masks and the teacher's logits, so a later call
+    with other values of the same shapes assigns them instead of tracing a new graph."""
 
     optimizer: keras.optimizers.Optimizer
     data: tuple[tf.Variable, tf.Variable]
     masks: list[tf.Variable | None]
     teacher: tf.Variable | None
     compact: _Compact | None
+    lean: bool
     step: StepFn
     epochs: dict[int, EpochFn]
 
@@ -398,6 +400,7 @@ def _graphs(
     masks: Mapping[str, np.ndarray],
     soft: SoftTargets | None,
     compact_inputs: bool = True,
+    lean_adam: bool = True,
 ) -> _Graphs:
     """The compiled step for these arguments, with their values loaded: reused (no tracing) when
     this model was last trained with the same optimizer object and the same shapes, batch size,
@@ -405,7 +408,7 @@ def _graphs(
     cache: dict[tuple, _Graphs] = model.__dict__.get(_GRAPHS_ATTRIBUTE, {})
     object.__setattr__(model, _GRAPHS_ATTRIBUTE, cache)  # not a Keras-tracked attribute
     variables = list(model.trainable_variables)
-    lean = _lean_adam_applies(optimizer, variables)
+    lean = lean_adam and _lean_adam_applies(optimizer, variables)
     layers = _compact_layers(model, chain, masks) if compact_inputs and lean else None
     rows = None
     first_mask = None
@@ -426,6 +429,7 @@ def _graphs(
         tuple(v.path in masks for v in variables),
         None if soft is None else (soft.temperature, soft.weight, soft.logits.shape),
         rows is not None,
+        lean,
     )
     data = _shared_data(model, x, y, chain.dtype, open_shape=rows is not None)
     graphs = cache.pop(key, None)
@@ -453,7 +457,7 @@ def _graphs(
             compact,
             lean,
         )
-        graphs = _Graphs(optimizer, data, mask_variables, teacher, compact, step, {})
+        graphs = _Graphs(optimizer, data, mask_variables, teacher, compact, lean, step, {})
     if graphs.compact is not None and rows is not None and first_mask is not None:
         graphs.compact.load(rows, first_mask)
     cache[key] = graphs  # most recently used last
@@ -550,6 +554,7 @@ def fit_classifier(
     on_step: StepCallback | None = None,
     soft_targets: SoftTargets | None = None,
     compact_inputs: bool = True,
+    lean_adam: bool = True,
 ) -> dict[str, list[float]]:
     """Train ``model`` in place on the mean softmax cross-entropy of each mini-batch.
 
@@ -577,7 +582,9 @@ def fit_classifier(
         soft_targets: train on the distillation loss (module docstring) instead; its logits
             row ``i`` belongs to ``x[i]`` (the caller checks shapes and values).
         compact_inputs: skip the inputs that lost every connection (module docstring); only
-            used for ``Dense`` networks whose first kernel is in ``masks``.
+            used for ``Dense`` networks whose first kernel is in ``masks``, with the lean step.
+        lean_adam: apply a plain Keras Adam with the lean step (module docstring; the same
+            values); ``False`` always calls ``optimizer.apply`` (and multiplies every input).
 
     Returns:
         Per-epoch lists ``loss`` (the hard cross-entropy, also with ``soft_targets``) and
@@ -594,7 +601,16 @@ def fit_classifier(
         optimizer.build(model.trainable_variables)
     ya = ya.astype(label_spec(chain, "softmax_cross_entropy").dtype.as_numpy_dtype, copy=False)
     graphs = _graphs(
-        model, chain, optimizer, xa, ya, batch_size, masks or {}, soft_targets, compact_inputs
+        model,
+        chain,
+        optimizer,
+        xa,
+        ya,
+        batch_size,
+        masks or {},
+        soft_targets,
+        compact_inputs,
+        lean_adam,
     )
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     if evaluator is not None:

@@ -46,7 +46,6 @@ def state(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> list[np.
 
 def train(
     lean: bool,
-    monkeypatch: pytest.MonkeyPatch,
     data: Arrays,
     *,
     weight_decay: float | None,
@@ -54,8 +53,6 @@ def train(
     dropout_rate: float = 0.0,
     masked: bool = False,
 ) -> list[np.ndarray]:
-    if not lean:  # force Keras' own optimizer.apply
-        monkeypatch.setattr(training, "_lean_adam_applies", lambda optimizer, variables: False)
     model = tiny(seed=3, dropout_rate=dropout_rate)
     optimizer = adam(weight_decay, schedule)
     masks = masks_from_scores(magnitude(model), 0.6) if masked else None
@@ -68,8 +65,10 @@ def train(
         seed=1,
         masks=masks,
         compact_inputs=False,  # the compact step needs the lean update: compared elsewhere
+        lean_adam=lean,  # False: Keras' own optimizer.apply
     )
-    monkeypatch.undo()
+    graphs = next(iter(model.__dict__[training._GRAPHS_ATTRIBUTE].values()))
+    assert graphs.lean is lean
     return state(model, optimizer)
 
 
@@ -83,13 +82,13 @@ def train(
     ],
 )
 def test_the_lean_adam_step_is_keras_apply_bit_for_bit(
-    mnist_subset, monkeypatch, weight_decay, schedule, dropout_rate, masked
+    mnist_subset, weight_decay, schedule, dropout_rate, masked
 ) -> None:
     settings = dict(
         weight_decay=weight_decay, schedule=schedule, dropout_rate=dropout_rate, masked=masked
     )
-    lean = train(True, monkeypatch, mnist_subset, **settings)
-    keras_apply = train(False, monkeypatch, mnist_subset, **settings)
+    lean = train(True, mnist_subset, **settings)
+    keras_apply = train(False, mnist_subset, **settings)
     assert len(lean) == len(keras_apply)
     for got, expected in zip(lean, keras_apply, strict=True):
         np.testing.assert_array_equal(got, expected)
@@ -119,6 +118,7 @@ def test_another_optimizer_trains_through_keras_apply(mnist_subset) -> None:
     history = fit_classifier(
         model, keras.optimizers.SGD(0.1), *mnist_subset, epochs=2, batch_size=64, seed=0
     )
+    assert next(iter(model.__dict__[training._GRAPHS_ATTRIBUTE].values())).lean is False
     assert history["loss"][1] < history["loss"][0]
     assert all(
         not np.array_equal(v.numpy(), b)

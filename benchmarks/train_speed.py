@@ -1,0 +1,147 @@
+"""The lean Adam step of ``helpers.training`` against Keras' ``optimizer.apply``, side by side.
+
+Seconds per epoch of :func:`helpers.training.fit_classifier` on the 60,000 MNIST training images,
+in one process:
+
+- dense training as :func:`helpers.models.train_mlp` runs it (784-50-50-50-50-10, batch 128,
+  Adam 2e-3 with weight decay 0.05 on the kernels, cosine schedule), with ``lean_adam=False``
+  (Keras' ``optimizer.apply``) and ``True`` (the lean update); both train bitwise the same
+  weights, which is checked here too;
+- masked retraining as :func:`helpers.retrain.masked_fit` runs it (batch 256, a fresh Adam 2e-3,
+  cosine schedule) on the trained seed-0 network pruned by one-shot OBD (exact diagonal) at 90%
+  and 95%: Keras' update with every input multiplied, the lean update with every input
+  multiplied, and the lean update with only the connected inputs (the default).
+
+Each setting is timed for 1 and for 4 epochs (medians of round-robin repeats); the difference
+over 3 is the time of an epoch.
+
+    OBD_CACHE_DIR=... python -m benchmarks.train_speed [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections.abc import Callable
+
+import numpy as np
+
+from benchmarks.timing import median_seconds
+from helpers.data import load_mnist
+from helpers.experiments import trained_model, training_second_derivatives
+from helpers.models import build_mlp, learning_rate_for
+from helpers.pruning import apply_masks, masks_from_scores, snapshot
+from helpers.runtime import keras, set_determinism, tf
+from helpers.saliency import obd
+from helpers.training import fit_classifier
+
+FRACTIONS = (0.9, 0.95)
+SHORT, LONG = 1, 4
+
+
+def adam(steps: int, weight_decay: float | None) -> keras.optimizers.Adam:
+    optimizer = keras.optimizers.Adam(
+        learning_rate=learning_rate_for(2e-3, "cosine", steps), weight_decay=weight_decay
+    )
+    if weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias"])
+    return optimizer
+
+
+def per_epoch(run: Callable[[int], object], names: list[str], repeats: int) -> dict[str, float]:
+    """Seconds per epoch of ``run(setting, epochs)`` for each setting name."""
+    seconds = median_seconds(
+        {
+            f"{name} {epochs}": (lambda n=name, e=epochs: run(n, e))
+            for name in names
+            for epochs in (SHORT, LONG)
+        },
+        repeats,
+    )
+    return {n: (seconds[f"{n} {LONG}"] - seconds[f"{n} {SHORT}"]) / (LONG - SHORT) for n in names}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    set_determinism(0)
+    (x, y), _ = load_mnist()
+    print(f"TensorFlow {tf.__version__}, {platform.processor() or platform.machine()}")
+    print(f"seconds per epoch, median of {args.repeats}")
+
+    # dense training: a fresh network each call, so both settings train the same thing
+    weights: dict[str, list[np.ndarray]] = {}
+
+    def dense(name: str, epochs: int) -> None:
+        model = build_mlp(seed=0)
+        steps = epochs * int(np.ceil(len(x) / 128))
+        fit_classifier(
+            model,
+            adam(steps, 0.05),
+            x,
+            y,
+            epochs=epochs,
+            batch_size=128,
+            seed=0,
+            lean_adam=name == "lean",
+        )
+        weights[name] = [v.numpy() for v in model.trainable_variables]
+
+    dense_epoch = per_epoch(dense, ["keras", "lean"], args.repeats)
+    same = all(np.array_equal(a, b) for a, b in zip(weights["keras"], weights["lean"], strict=True))
+    ratio = dense_epoch["keras"] / dense_epoch["lean"]
+    print(
+        f"dense training (batch 128): optimizer.apply {dense_epoch['keras']:.3f}, "
+        f"lean {dense_epoch['lean']:.3f}: {ratio:.2f}x; bitwise the same weights: {same}"
+    )
+    result: dict = {"dense": {**dense_epoch, "speedup": ratio, "bitwise_equal": same}}
+
+    model = trained_model(0)
+    original = snapshot(model)
+    scores = obd(model, training_second_derivatives(0))
+    settings = {
+        "keras, all inputs": dict(lean_adam=False, compact_inputs=False),
+        "lean, all inputs": dict(lean_adam=True, compact_inputs=False),
+        "lean, connected inputs": dict(lean_adam=True, compact_inputs=True),
+    }
+    print(f"{'masked retraining (batch 256)':<32}" + "".join(f"{n:>24}" for n in settings))
+    result["masked"] = []
+    for fraction in FRACTIONS:
+        masks = masks_from_scores(scores, fraction)
+
+        def masked(name: str, epochs: int, masks: dict = masks) -> None:
+            original.restore()
+            apply_masks(model, masks)
+            steps = epochs * int(np.ceil(len(x) / 256))
+            fit_classifier(
+                model,
+                adam(steps, None),
+                x,
+                y,
+                epochs=epochs,
+                batch_size=256,
+                seed=0,
+                masks=masks,
+                **settings[name],
+            )
+
+        epoch = per_epoch(masked, list(settings), args.repeats)
+        base = epoch["keras, all inputs"]
+        print(
+            f"{f'{fraction:.0%} removed':<32}"
+            + "".join(f"{f'{epoch[n]:.3f} ({base / epoch[n]:.2f}x)':>24}" for n in settings)
+        )
+        result["masked"].append({"fraction": fraction, **epoch})
+    original.restore()
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
