@@ -23,7 +23,7 @@ import argparse
 import json
 import platform
 
-from benchmarks.timing import median_seconds
+from benchmarks.timing import epoch_and_setup
 from helpers.data import load_mnist
 from helpers.experiments import trained_model, training_second_derivatives
 from helpers.pruning import masks_from_scores, snapshot
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     for fraction in FRACTIONS:
         masks = masks_from_scores(scores, fraction)
 
-        def fit(compact: bool, epochs: int, masks: dict = masks) -> None:
+        def fit(setting: str, epochs: int, masks: dict = masks) -> None:
             dense.restore()
             masked_fit(
                 model,
@@ -67,19 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
                 y,
                 epochs=epochs,
                 batch_size=args.batch_size,
-                compact_inputs=compact,
+                compact_inputs=setting == "compact",
             )
 
-        seconds = median_seconds(
-            {
-                f"{compact} {epochs}": (lambda c=compact, e=epochs: fit(c, e))
-                for compact in (False, True)
-                for epochs in (1, 6)
-            },
-            args.repeats,
-        )
-        epoch = {c: (seconds[f"{c} 6"] - seconds[f"{c} 1"]) / 5 for c in (False, True)}
-        setup = {c: seconds[f"{c} 1"] - epoch[c] for c in (False, True)}
+        times, setups = epoch_and_setup(fit, ["full", "compact"], args.repeats)
+        epoch = {False: times["full"], True: times["compact"]}
+        setup = {False: setups["full"], True: setups["compact"]}
         kept = int(connected_inputs(masks[first]).size)
         ratio = epoch[False] / epoch[True]
         print(

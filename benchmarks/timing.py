@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 
 def median_seconds(
@@ -26,3 +26,27 @@ def median_seconds(
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def epoch_and_setup(
+    run: Callable[[str, int], object],
+    names: Sequence[str],
+    repeats: int,
+    *,
+    short: int = 1,
+    long: int = 6,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per epoch and seconds of per-call setup of ``run(name, epochs)`` for each name:
+    each setting is timed (:func:`median_seconds`) for ``short`` and ``long`` epochs; the
+    difference over ``long - short`` is an epoch, the rest of the short call its setup."""
+    seconds = median_seconds(
+        {
+            f"{name} {epochs}": (lambda n=name, e=epochs: run(n, e))
+            for name in names
+            for epochs in (short, long)
+        },
+        repeats,
+    )
+    epoch = {n: (seconds[f"{n} {long}"] - seconds[f"{n} {short}"]) / (long - short) for n in names}
+    setup = {n: seconds[f"{n} {short}"] - short * epoch[n] for n in names}
+    return epoch, setup

@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from collections.abc import Callable
 
 import numpy as np
 
-from benchmarks.timing import median_seconds
+from benchmarks.timing import epoch_and_setup
 from helpers.data import load_mnist
 from helpers.experiments import trained_model, training_second_derivatives
 from helpers.models import build_mlp, learning_rate_for
@@ -37,7 +36,7 @@ from helpers.saliency import obd
 from helpers.training import fit_classifier
 
 FRACTIONS = (0.9, 0.95)
-SHORT, LONG = 1, 4
+LONG = 4  # epochs of the long call (the short one has 1)
 
 
 def adam(steps: int, weight_decay: float | None) -> keras.optimizers.Adam:
@@ -47,19 +46,6 @@ def adam(steps: int, weight_decay: float | None) -> keras.optimizers.Adam:
     if weight_decay:
         optimizer.exclude_from_weight_decay(var_names=["bias"])
     return optimizer
-
-
-def per_epoch(run: Callable[[int], object], names: list[str], repeats: int) -> dict[str, float]:
-    """Seconds per epoch of ``run(setting, epochs)`` for each setting name."""
-    seconds = median_seconds(
-        {
-            f"{name} {epochs}": (lambda n=name, e=epochs: run(n, e))
-            for name in names
-            for epochs in (SHORT, LONG)
-        },
-        repeats,
-    )
-    return {n: (seconds[f"{n} {LONG}"] - seconds[f"{n} {SHORT}"]) / (LONG - SHORT) for n in names}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         weights[name] = [v.numpy() for v in model.trainable_variables]
 
-    dense_epoch = per_epoch(dense, ["keras", "lean"], args.repeats)
+    dense_epoch, _ = epoch_and_setup(dense, ["keras", "lean"], args.repeats, long=LONG)
     same = all(np.array_equal(a, b) for a, b in zip(weights["keras"], weights["lean"], strict=True))
     ratio = dense_epoch["keras"] / dense_epoch["lean"]
     print(
@@ -129,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
                 **settings[name],
             )
 
-        epoch = per_epoch(masked, list(settings), args.repeats)
+        epoch, _ = epoch_and_setup(masked, list(settings), args.repeats, long=LONG)
         base = epoch["keras, all inputs"]
         print(
             f"{f'{fraction:.0%} removed':<32}"

@@ -179,9 +179,7 @@ class _Update:
 
 def _tf_variable(variable: object) -> tf.Variable:
     """The ``tf.Variable`` behind a Keras variable (a ``tf.Variable`` as it is)."""
-    return (
-        getattr(variable, "value", variable) if not isinstance(variable, tf.Variable) else variable
-    )
+    return variable if isinstance(variable, tf.Variable) else variable.value
 
 
 def _adam_updates(optimizer: keras.optimizers.Adam, variables: Sequence) -> list[_Update]:
@@ -241,7 +239,8 @@ def _adam_update(
 class _Compact:
     """The first ``Dense`` layer's connected rows during a call (module docstring): the
     layer, the later layers, the rows, and variables holding those rows of the kernel, its mask
-    and its two Adam moments, next to the full-size ones they are copied from and back to."""
+    and its two Adam moments, next to the full-size ones (``full``) they are copied from and
+    back to."""
 
     first: keras.layers.Layer
     rest: list[keras.layers.Layer]
@@ -251,7 +250,6 @@ class _Compact:
     momentum: tf.Variable
     velocity: tf.Variable
     full: _Update
-    decay: bool
 
     def load(self, rows: np.ndarray, mask: np.ndarray) -> None:
         """Copy the rows ``rows`` of the kernel, the mask and the moments in."""
@@ -276,7 +274,7 @@ class _Compact:
 
     def update(self) -> _Update:
         """The compact kernel as the lean Adam step updates it."""
-        return _Update(self.kernel, self.momentum, self.velocity, self.decay)
+        return _Update(self.kernel, self.momentum, self.velocity, self.full.decay)
 
 
 def _compact_forward(xb: tf.Tensor, compact: _Compact) -> tf.Tensor:
@@ -359,8 +357,7 @@ def _train_step(
 
 
 def _new_compact(
-    optimizer: keras.optimizers.Adam,
-    chain: Chain,
+    full: _Update,
     layers: tuple[keras.layers.Layer, list[keras.layers.Layer]],
     rows: np.ndarray,
 ) -> _Compact:
@@ -376,7 +373,6 @@ def _new_compact(
             shape=tf.TensorShape([None, width]),
         )
 
-    (full,) = _adam_updates(optimizer, [kernel])
     return _Compact(
         first=first,
         rest=rest,
@@ -386,7 +382,6 @@ def _new_compact(
         momentum=open_variable(),
         velocity=open_variable(),
         full=full,
-        decay=full.decay,
     )
 
 
@@ -412,10 +407,12 @@ def _graphs(
     layers = _compact_layers(model, chain, masks) if compact_inputs and lean else None
     rows = None
     first_mask = None
+    full = None
     if layers is not None:  # the data keep only the connected inputs, flattened
         first_mask = np.asarray(masks[chain.steps[0].kernel.path], dtype=bool)
         rows = connected_inputs(first_mask)
-        if not _disconnected_moments_are_zero(optimizer, layers[0].kernel, rows):
+        (full,) = _adam_updates(optimizer, [layers[0].kernel])
+        if not _disconnected_moments_are_zero(full, rows):
             layers, rows = None, None  # the full step would move them: no shortcut
         else:
             x = np.take(x.reshape(len(x), -1), rows, axis=1)  # 4x faster than x[:, rows]
@@ -444,7 +441,7 @@ def _graphs(
             _variable(masks[v.path], v.dtype) if v.path in masks else None for v in variables
         ]
         teacher = None if soft is None else _variable(soft.logits, chain.dtype)
-        compact = None if layers is None else _new_compact(optimizer, chain, layers, rows)
+        compact = None if layers is None or full is None else _new_compact(full, layers, rows)
         step = _train_step(
             model,
             chain,
@@ -486,16 +483,13 @@ def _shared_data(
     return store[keys[0]], store[keys[1]]
 
 
-def _disconnected_moments_are_zero(
-    optimizer: keras.optimizers.Adam, kernel: tf.Variable, rows: np.ndarray
-) -> bool:
+def _disconnected_moments_are_zero(full: _Update, rows: np.ndarray) -> bool:
     """Whether the first kernel's Adam moments are zero on every input outside ``rows``: then
     the full step leaves those rows alone (gradient 0, moments 0, update 0), as the compact
     step does. A fresh optimizer (as :func:`helpers.retrain.masked_fit` uses) passes."""
-    (full,) = _adam_updates(optimizer, [kernel])
-    outside = np.ones(int(kernel.shape[0]), dtype=bool)
+    outside = np.ones(int(full.variable.shape[0]), dtype=bool)
     outside[rows] = False
-    return not any(np.any(np.asarray(m.numpy())[outside]) for m in (full.momentum, full.velocity))
+    return not any(np.any(m.numpy()[outside]) for m in (full.momentum, full.velocity))
 
 
 def _compiled_epoch(step: StepFn, n: int, batch_size: int, dtype: str) -> EpochFn:
