@@ -154,7 +154,9 @@ def _clear(nb: NotebookNode) -> None:
             cell.metadata.pop("execution", None)
 
 
-def execute_notebook(path: Path, timeout: int = 1200) -> float:
+def execute_notebook(
+    path: Path, timeout: int = 1200, cell_seconds: dict[int, float] | None = None
+) -> float:
     """Clear, execute top to bottom in a fresh kernel and write back the notebook at ``path``.
 
     The kernel is ``sys.executable`` running ipykernel, started in the notebook's folder with
@@ -162,7 +164,8 @@ def execute_notebook(path: Path, timeout: int = 1200) -> float:
     written back if every cell ran; otherwise the file is left untouched and
     :class:`NotebookExecutionError` (naming the notebook and the cell index) is raised.
 
-    Returns the wall-clock seconds the execution took.
+    Returns the wall-clock seconds the execution took; if ``cell_seconds`` is given, it is
+    filled with each code cell's wall-clock seconds, by cell index.
     """
     path = Path(path).resolve()
     nb = nbformat.read(path, as_version=4)
@@ -173,6 +176,11 @@ def execute_notebook(path: Path, timeout: int = 1200) -> float:
 
     def on_cell_execute(cell: NotebookNode, cell_index: int, **_: Any) -> None:
         current["index"] = cell_index
+        current["start"] = time.perf_counter()
+
+    def on_cell_executed(cell: NotebookNode, cell_index: int, **_: Any) -> None:
+        if cell_seconds is not None:
+            cell_seconds[cell_index] = time.perf_counter() - current["start"]
 
     client = NotebookClient(
         nb,
@@ -181,6 +189,7 @@ def execute_notebook(path: Path, timeout: int = 1200) -> float:
         kernel_manager_class=_PinnedKernelManager,
         resources={"metadata": {"path": str(path.parent)}},
         on_cell_execute=on_cell_execute,
+        on_cell_executed=on_cell_executed,
         record_timing=False,
         allow_errors=False,
     )
@@ -334,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=int, default=1200, help="per-cell timeout in seconds (default 1200)"
     )
+    parser.add_argument(
+        "--slowest",
+        type=int,
+        default=5,
+        metavar="N",
+        help="after each notebook, print its N slowest cells (default 5; 0 = none)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -351,11 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.check:
             print(f"{shown}: executing ...", flush=True)
             try:
-                seconds = execute_notebook(path, timeout=args.timeout)
+                cells: dict[int, float] = {}
+                seconds = execute_notebook(path, timeout=args.timeout, cell_seconds=cells)
             except NotebookExecutionError as exc:
                 print(f"FAILED {shown}: {exc}", file=sys.stderr)
                 return 1
             print(f"{shown}: executed in {seconds:.1f} s", flush=True)
+            for index, cell_time in sorted(cells.items(), key=lambda kv: -kv[1])[: args.slowest]:
+                print(f"  cell {index}: {cell_time:.1f} s", flush=True)
         problems = check_notebook(path)
         for problem in problems:
             print(f"  {problem}")

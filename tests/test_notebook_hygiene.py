@@ -247,7 +247,7 @@ _PROBE = "probe.txt"
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, dict[int, float]]:
     """A tiny notebook with stale outputs, executed once by :func:`execute_notebook`."""
     folder = tmp_path_factory.mktemp("executed")
     nb = new_notebook(
@@ -276,13 +276,16 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     nb.metadata["custom"] = {"keep": True}
     path = folder / "tiny.ipynb"
     nbformat.write(nb, path)
-    seconds = execute_notebook(path, timeout=60)
-    return path, seconds
+    cells: dict[int, float] = {}
+    seconds = execute_notebook(path, timeout=60, cell_seconds=cells)
+    return path, seconds, cells
 
 
-def test_execute_writes_clean_outputs(executed: tuple[Path, float]) -> None:
-    path, seconds = executed
+def test_execute_writes_clean_outputs(executed: tuple[Path, float, dict[int, float]]) -> None:
+    path, seconds, cells = executed
     assert seconds > 0
+    assert sorted(cells) == [1, 2, 4]  # the executed code cells, by index (the blank one skipped)
+    assert all(0 <= t <= seconds for t in cells.values())
     nb = nbformat.read(path, as_version=4)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert [cell.execution_count for cell in code] == [1, 2, None, 3]
@@ -297,9 +300,9 @@ def test_execute_writes_clean_outputs(executed: tuple[Path, float]) -> None:
 
 
 def test_execute_uses_notebook_folder_this_python_and_hash_seed(
-    executed: tuple[Path, float],
+    executed: tuple[Path, float, dict[int, float]],
 ) -> None:
-    path, _ = executed
+    path, _, _ = executed
     probe = path.parent / _PROBE  # written relative to the kernel's cwd
     assert probe.is_file()
     prefix, hash_seed = probe.read_text().splitlines()
