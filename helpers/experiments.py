@@ -23,8 +23,9 @@ import numpy as np
 from helpers.curvature import second_derivatives
 from helpers.data import load_mnist
 from helpers.evaluate import Evaluator
+from helpers.incremental import IncrementalEvaluator
 from helpers.models import train_mlp
-from helpers.pruning import Scope, default_fractions, sweep
+from helpers.pruning import Scope, default_fractions, sweep, sweep_evaluator
 from helpers.runtime import keras
 from helpers.saliency import Scores, magnitude, obd
 
@@ -34,7 +35,7 @@ DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 
 _models: dict[tuple[int, float], keras.Model] = {}
 _second: dict[tuple[int, float, str], dict[str, np.ndarray]] = {}
-_evaluators: dict[int, Evaluator] = {}
+_evaluators: dict[int, Evaluator | IncrementalEvaluator] = {}
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def pruning_curves(
     for seed in seeds:
         model = trained_model(seed, dropout_rate)
         if id(model) not in _evaluators:
-            _evaluators[id(model)] = Evaluator(model, x_test, y_test)
+            _evaluators[id(model)] = sweep_evaluator(model, x_test, y_test)
         result = sweep(
             model,
             saliency(seed, dropout_rate)

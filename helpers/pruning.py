@@ -25,7 +25,8 @@ from typing import Literal
 import numpy as np
 
 from helpers.evaluate import DEFAULT_EVAL_BATCH, Evaluator
-from helpers.network import prunable_kernels
+from helpers.incremental import IncrementalEvaluator, first_dense_layer
+from helpers.network import as_chain, prunable_kernels
 from helpers.runtime import keras, tf
 from helpers.saliency import Scores, check_scores
 
@@ -188,6 +189,21 @@ def default_fractions() -> np.ndarray:
     return np.arange(101) / 100
 
 
+def sweep_evaluator(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int = DEFAULT_EVAL_BATCH,
+    strategy: tf.distribute.Strategy | None = None,
+) -> Evaluator | IncrementalEvaluator:
+    """The evaluator :func:`sweep` uses: incremental for a ``Dense``-first network without a
+    ``strategy``, else :class:`helpers.evaluate.Evaluator`."""
+    if strategy is None and first_dense_layer(as_chain(model)) is not None:
+        return IncrementalEvaluator(model, x, y)
+    return Evaluator(model, x, y, batch_size=batch_size, strategy=strategy)
+
+
 def sweep(
     model: keras.Model,
     scores: Mapping[str, np.ndarray],
@@ -197,15 +213,19 @@ def sweep(
     fractions: Sequence[float] | np.ndarray | None = None,
     scope: Scope = "global",
     batch_size: int = DEFAULT_EVAL_BATCH,
-    evaluator: Evaluator | None = None,
+    evaluator: Evaluator | IncrementalEvaluator | None = None,
     strategy: tf.distribute.Strategy | None = None,
 ) -> SweepResult:
     """Prune ``model`` by ``scores`` at each fraction, evaluate on ``(x, y)``, then restore it.
 
-    The ranking is computed once and the evaluation function is traced once, so a 101-point
-    sweep of the MNIST network over the 10,000 test images takes seconds. Pass an
-    ``evaluator`` built for the same model and data to reuse it across sweeps. With a
-    ``strategy`` the evaluation batches are split across its replicas.
+    The ranking is computed once and the evaluation function is traced once. A network that
+    starts with a ``Dense`` layer is evaluated by
+    :class:`helpers.incremental.IncrementalEvaluator` (the first product updated by the
+    weights removed since the previous point; the same results up to float32 rounding), any
+    other network, or any evaluation under a ``strategy``, by
+    :class:`helpers.evaluate.Evaluator` (``batch_size`` images at a time, split across the
+    strategy's replicas). Pass an ``evaluator`` built for the same model and data to reuse
+    it across sweeps.
     """
     check_scope(scope)
     checked = check_scores(model, scores)
@@ -219,7 +239,7 @@ def sweep(
     for f in fractions:
         check_fraction(f)
     if evaluator is None:
-        evaluator = Evaluator(model, x, y, batch_size=batch_size, strategy=strategy)
+        evaluator = sweep_evaluator(model, x, y, batch_size=batch_size, strategy=strategy)
     elif evaluator.model is not model:
         raise ValueError("the evaluator was built for a different model")
     ranks = removal_ranks(checked, scope)
@@ -259,4 +279,5 @@ __all__ = [
     "removal_ranks",
     "snapshot",
     "sweep",
+    "sweep_evaluator",
 ]
