@@ -33,6 +33,7 @@ cross-entropy and the cross-entropy to the teacher's softened outputs
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import numbers
 import operator
@@ -489,12 +490,44 @@ def iterative_prune(
 # --------------------------------------------------------------------------- saliencies
 
 
-def obd_saliency(x: np.ndarray, y: np.ndarray, method: Method = "exact") -> Saliency:
+def _weights_digest(model: keras.Model) -> str:
+    """SHA-256 of every variable of ``model`` (path, dtype, shape and bytes)."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        values = np.ascontiguousarray(variable.numpy())
+        digest.update(f"{variable.path}|{values.dtype}|{values.shape}|".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def obd_saliency(
+    x: np.ndarray, y: np.ndarray, method: Method = "exact", remember: int = 8
+) -> Saliency:
     """``model -> obd(model, second_derivatives(model, x, y, method=method))``: the OBD
-    saliency with second derivatives recomputed on the model as it is when called."""
+    saliency with second derivatives recomputed on the model as it is when called.
+
+    The returned function remembers its last ``remember`` results, keyed by a digest of the
+    model's weights: scoring the same network again (the dense network at the start of several
+    experiments) returns a copy of the scores computed the first time, which are the same
+    numbers. ``remember=0`` recomputes every time.
+    """
+    remember = operator.index(remember)
+    if remember < 0:
+        raise ValueError(f"remember must be >= 0, got {remember}")
+    memo: dict[tuple[int, str], Scores] = {}
 
     def score(model: keras.Model) -> Scores:
-        return obd(model, second_derivatives(model, x, y, method=method))
+        key = (id(model), _weights_digest(model)) if remember else None
+        if key is not None and key in memo:
+            memo[key] = memo.pop(key)  # most recently used last
+        else:
+            scores = obd(model, second_derivatives(model, x, y, method=method))
+            if key is None:
+                return scores
+            memo[key] = scores
+            while len(memo) > remember:
+                memo.pop(next(iter(memo)))
+        return {path: values.copy() for path, values in memo[key].items()}
 
     return score
 

@@ -597,3 +597,44 @@ def test_an_ensemble_of_teachers_gives_the_mean_of_their_logits(mnist_subset) ->
         teacher_targets([], x[:10])
     with pytest.raises(ValueError, match="disagree on the shape"):
         teacher_targets([teachers[0], build_mlp(hidden=(16,), num_classes=5, seed=0)], x[:10])
+
+
+def test_obd_saliency_remembers_a_network_it_has_scored(mnist_subset, monkeypatch) -> None:
+    from helpers import retrain
+
+    (x, y), _ = mnist_subset
+    calls = []
+    real = retrain.second_derivatives
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(retrain, "second_derivatives", counted)
+    model = tiny(3)
+    saliency = obd_saliency(x[:300], y[:300])
+    first = saliency(model)
+    again = saliency(model)
+    assert len(calls) == 1  # same weights: remembered
+    for path, values in first.items():
+        np.testing.assert_array_equal(values, again[path])
+        values[:] = -1.0  # the caller owns its copy; the remembered scores are untouched
+    np.testing.assert_array_equal(saliency(model)[path], again[path])
+
+    original = snapshot(model)
+    apply_masks(model, half_masks(model))
+    pruned = saliency(model)  # new weights: recomputed, and different
+    assert len(calls) == 2
+    assert any(not np.array_equal(pruned[p], again[p]) for p in pruned)
+    original.restore()
+    saliency(model)  # the dense weights again: still remembered
+    assert len(calls) == 2
+
+    fresh = obd_saliency(x[:300], y[:300], remember=0)
+    fresh(model), fresh(model)
+    assert len(calls) == 4
+    uncached = fresh(model)
+    for path, values in again.items():
+        np.testing.assert_array_equal(values, uncached[path])
+    with pytest.raises(ValueError, match="remember must be >= 0"):
+        obd_saliency(x, y, remember=-1)
