@@ -71,10 +71,11 @@ class IncrementalEvaluator:
         self._n = int(xa.shape[0])
         self._xt = np.ascontiguousarray(xa.reshape(self._n, -1).T, dtype=np.float64)
         self._y = tf.constant(ya, dtype=tf.int32)
-        self._kernel = np.asarray(first.kernel.numpy(), dtype=np.float64)
-        self._z = self._kernel.T @ self._xt  # (units, n)
-        self.recomputed = 1
-        """How often the first product was computed from scratch (the first time included)."""
+        self._kernel = np.zeros(first.kernel.shape)
+        self._z = np.zeros((self._kernel.shape[1], self._n))  # (units, n)
+        self.recomputed = 0
+        """How often the first product was computed from scratch (once at construction)."""
+        self._update()  # from zero: every entry changed, so computed from scratch
         layers = _layer_sequence(model)
         rest = layers[layers.index(first) + 1 :]
         from_logits = chain.steps[-1].activation != "softmax"
@@ -95,7 +96,10 @@ class IncrementalEvaluator:
         self._dtype = dtype
 
     def _update(self) -> None:
+        """Bring the first product up to date with the first kernel as it is now."""
         kernel = np.asarray(self._first.kernel.numpy(), dtype=np.float64)
+        if not np.isfinite(kernel).all():  # NaN != NaN: it would poison every later update
+            raise ValueError(f"{self._first.kernel.path} has non-finite weights")
         rows, cols = np.nonzero(kernel != self._kernel)
         if rows.size > RECOMPUTE_SHARE * kernel.size:
             self._z = kernel.T @ self._xt

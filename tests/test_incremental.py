@@ -76,3 +76,17 @@ def test_a_dense_first_network_gets_the_incremental_evaluator_others_the_full_on
         IncrementalEvaluator(lenet, x[..., None], y)
     with pytest.raises(ValueError, match="x is empty"):
         IncrementalEvaluator(mlp, x[:0], y[:0])
+
+
+def test_non_finite_first_layer_weights_are_refused(images) -> None:
+    x, y = images
+    model = build_mlp(hidden=(8,), seed=0)
+    evaluator = IncrementalEvaluator(model, x, y)
+    kernel = model.get_layer("dense_1").kernel
+    values = kernel.numpy()
+    values[3, 2] = np.nan
+    kernel.assign(values)
+    with pytest.raises(ValueError, match="dense_1/kernel has non-finite weights"):
+        evaluator()
+    with pytest.raises(ValueError, match="non-finite"):
+        IncrementalEvaluator(model, x, y)
