@@ -93,7 +93,7 @@ import scipy.sparse
 import scipy.special
 
 from helpers.losses import resolve_loss
-from helpers.models import _save_weights
+from helpers.models import save_weights_quietly
 from helpers.network import SUPPORTED_ACTIVATIONS, as_chain, check_finite_weights, require_dense
 from helpers.runtime import keras
 
@@ -608,7 +608,7 @@ def dense_sizes(model: keras.Model, directory: PathLike) -> dict[str, Sizes]:
     """
     h5 = Path(directory) / f"{model.name}.weights.h5"
     npz = Path(directory) / f"{model.name}.npz"
-    _save_weights(model, h5)  # Keras's save_weights, minus its NumPy 2 DeprecationWarning
+    save_weights_quietly(model, h5)  # Keras's save_weights, minus its NumPy 2 DeprecationWarning
     arrays = {v.path.replace("/", "."): np.asarray(v.numpy(), np.float32) for v in model.weights}
     with npz.open("wb") as file:
         np.savez(file, **arrays)

@@ -578,7 +578,7 @@ def _atomic_write(path: Path, write: Any, suffix: str) -> None:
         raise
 
 
-def _save_weights(model: keras.Model, path: Path) -> None:
+def save_weights_quietly(model: keras.Model, path: Path) -> None:
     """``model.save_weights(path)``, without Keras's NumPy 2 copy-keyword DeprecationWarning.
 
     Keras 3.15 converts its variables with ``np.array(variable)``, whose ``__array__`` lacks
@@ -598,7 +598,7 @@ def _save(trained: TrainedModel, directory: Path, key: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"{key}.weights.h5"
     # Keras insists on the ".weights.h5" ending, so the temporary file has it too.
-    _atomic_write(weights, lambda p: _save_weights(trained.model, p), ".weights.h5")
+    _atomic_write(weights, lambda p: save_weights_quietly(trained.model, p), ".weights.h5")
     record = {
         "config": trained.config,
         "history": trained.history,
@@ -843,6 +843,7 @@ __all__ = [
     "build_mlp",
     "check_lr_schedule",
     "learning_rate_for",
+    "save_weights_quietly",
     "train_lenet5",
     "train_mlp",
 ]

@@ -280,7 +280,7 @@ def test_other_weights_with_matching_sha_are_retrained(
     weights, meta = _entry(cache, first, ".weights.h5"), _entry(cache, first, ".json")
     wrong = build_mlp((8,))
     wrong.set_weights([np.zeros_like(w) for w in wrong.get_weights()])
-    models._save_weights(wrong, weights)
+    models.save_weights_quietly(wrong, weights)
     record = json.loads(meta.read_text())
     record["weights_sha256"] = models._file_sha256(weights)
     meta.write_text(json.dumps(record))
