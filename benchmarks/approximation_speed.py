@@ -12,13 +12,12 @@ correlation over all 47,200 kernel weights).
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.cli import benchmark_parser, write_json
 from benchmarks.timing import median_seconds
 from helpers.approximations import empirical_fisher, fidelity, hutchinson, monte_carlo_fisher
 from helpers.curvature import DEFAULT_BATCH_SIZE, gradients, second_derivatives
@@ -29,11 +28,9 @@ from helpers.runtime import set_determinism, tf
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = benchmark_parser(__doc__, repeats=3)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--seed", type=int, default=0, help="seed of the stochastic estimators")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
     set_determinism(0)
@@ -88,9 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         "relative_error": {name: s.relative_error for name, s in scores.items()},
         "spearman": {name: s.spearman for name, s in scores.items()},
     }
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
+    write_json(args.json, out)
     return out
 
 

@@ -17,13 +17,12 @@ per-sample, per-class filter gradients) about K = 10 gradient passes' worth of b
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.cli import benchmark_parser, write_json
 from benchmarks.timing import median_seconds
 from helpers.curvature import DEFAULT_BATCH_SIZE, gradients, second_derivatives
 from helpers.network import prunable_kernels
@@ -52,12 +51,10 @@ def lenet5(dtype: str = "float32", seed: int = 0) -> keras.Sequential:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__, repeats=5)
     parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--methods", default="lecun,lecun-full,exact")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
@@ -95,9 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": median,
         "ratio_to_gradient": {name: seconds / grad for name, seconds in median.items()},
     }
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 

@@ -15,8 +15,6 @@ Three measurements, each printed as a table (and optionally written to JSON):
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,6 +22,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from benchmarks.cli import benchmark_parser, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,9 +136,8 @@ def memory_peaks(batches: list[int], widths: list[int]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else 3
     sizes = [15_000, 60_000] if args.quick else [7_500, 15_000, 30_000, 60_000]
@@ -170,8 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{r['width']:>5}{r['batch_size']:>7,}{r['gradient']:>10.0f}{r['lecun']:>8.0f}{r['exact']:>8.0f}"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_json(args.json, results)
     return results
 
 

@@ -14,13 +14,12 @@ Targets (issue 2): ``lecun`` <= 1.3x and ``exact`` <= 4x a gradient pass.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.cli import benchmark_parser, write_json
 from benchmarks.timing import median_seconds
 from helpers.curvature import DEFAULT_BATCH_SIZE, autodiff_entries, gradients, second_derivatives
 from helpers.data import load_mnist
@@ -30,14 +29,12 @@ from helpers.runtime import set_determinism, tf
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = benchmark_parser(__doc__, repeats=5)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--autodiff-weights", type=int, default=64)
     parser.add_argument(
         "--untrained", action="store_true", help="use initial instead of trained weights"
     )
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
     set_determinism(0)
@@ -92,9 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         "autodiff_extrapolated_seconds": autodiff_total,
         "autodiff_ratio_to_gradient": autodiff_total / grad,
     }
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 

@@ -19,10 +19,9 @@ below are on the low side of what the notebook's later rounds get.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 
+from benchmarks.cli import benchmark_parser, write_json
 from benchmarks.timing import epoch_and_setup
 from helpers.data import load_mnist
 from helpers.experiments import trained_model, training_second_derivatives
@@ -36,10 +35,8 @@ FRACTIONS = (0.5, 0.75, 0.9, 0.95, 0.99)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = benchmark_parser(__doc__, repeats=3)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
     set_determinism(0)
@@ -91,9 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             }
         )
     dense.restore()
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return {"rows": rows}
 
 

@@ -15,12 +15,11 @@ of the 101 points give a different accuracy, and the largest loss difference.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 
 import numpy as np
 
+from benchmarks.cli import benchmark_parser, write_json
 from benchmarks.timing import median_seconds
 from helpers.data import load_mnist
 from helpers.evaluate import Evaluator
@@ -32,9 +31,7 @@ from helpers.saliency import magnitude, obd
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser = benchmark_parser(__doc__, repeats=3)
     args = parser.parse_args(argv)
 
     set_determinism(0)
@@ -78,9 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "max_loss_difference": loss_gap,
             }
         )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return {"rows": rows}
 
 

@@ -20,12 +20,11 @@ over 3 is the time of an epoch.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 
 import numpy as np
 
+from benchmarks.cli import benchmark_parser, write_json
 from benchmarks.timing import epoch_and_setup
 from helpers.data import load_mnist
 from helpers.experiments import trained_model, training_second_derivatives
@@ -49,9 +48,7 @@ def adam(steps: int, weight_decay: float | None) -> keras.optimizers.Adam:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser = benchmark_parser(__doc__, repeats=3)
     args = parser.parse_args(argv)
 
     set_determinism(0)
@@ -123,9 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         result["masked"].append({"fraction": fraction, **epoch})
     original.restore()
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return result
 
 
