@@ -14,7 +14,7 @@ import numpy as np
 
 from helpers.distribute import sum_over_batches
 from helpers.inputs import batches, label_spec
-from helpers.losses import per_sample_loss, resolve_loss
+from helpers.losses import LossName, per_sample_loss, resolve_loss
 from helpers.network import as_chain
 from helpers.runtime import keras, tf
 
@@ -27,6 +27,25 @@ class Evaluation:
 
     loss: float
     accuracy: float
+
+
+def classifier_loss(model: keras.Model) -> LossName:
+    """The model's loss, which must be a cross-entropy for an accuracy to make sense."""
+    loss = resolve_loss(model)
+    if loss != "softmax_cross_entropy":
+        raise ValueError(
+            f"accuracy needs a classifier trained with cross-entropy; model uses {loss!r}"
+        )
+    return loss
+
+
+def classification_totals(
+    output: tf.Tensor, y: tf.Tensor, loss: LossName, from_logits: bool
+) -> list[tf.Tensor]:
+    """The summed loss and the number of correct predictions of a batch of model outputs."""
+    correct = tf.equal(tf.argmax(output, axis=-1, output_type=y.dtype), y)
+    loss_sum = tf.reduce_sum(per_sample_loss(output, y, loss, from_logits=from_logits))
+    return [loss_sum, tf.reduce_sum(tf.cast(correct, tf.int32))]
 
 
 class Evaluator:
@@ -42,11 +61,7 @@ class Evaluator:
         strategy: tf.distribute.Strategy | None = None,
     ):
         chain = as_chain(model)
-        loss = resolve_loss(model)
-        if loss != "softmax_cross_entropy":
-            raise ValueError(
-                f"accuracy needs a classifier trained with cross-entropy; model uses {loss!r}"
-            )
+        loss = classifier_loss(model)
         data, _ = batches(chain, x, y, loss, batch_size)
         self.model = model
         self.strategy = strategy
@@ -56,10 +71,7 @@ class Evaluator:
         specs = [tf.TensorSpec((None, *chain.input_shape), chain.dtype), label_spec(chain, loss)]
 
         def totals(xb: tf.Tensor, yb: tf.Tensor) -> list[tf.Tensor]:
-            output = model(xb, training=False)
-            correct = tf.equal(tf.argmax(output, axis=-1, output_type=yb.dtype), yb)
-            loss_sum = tf.reduce_sum(per_sample_loss(output, yb, loss, from_logits=from_logits))
-            return [loss_sum, tf.reduce_sum(tf.cast(correct, tf.int32))]
+            return classification_totals(model(xb, training=False), yb, loss, from_logits)
 
         self._fn: Callable = tf.function(totals, input_signature=specs)
 
@@ -80,4 +92,4 @@ def evaluate(
     return Evaluator(model, x, y, batch_size=batch_size)()
 
 
-__all__ = ["Evaluation", "Evaluator", "evaluate"]
+__all__ = ["Evaluation", "Evaluator", "classification_totals", "classifier_loss", "evaluate"]

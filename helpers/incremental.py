@@ -25,22 +25,13 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse
 
-from helpers.evaluate import Evaluation
+from helpers.evaluate import Evaluation, classification_totals, classifier_loss
 from helpers.inputs import check_arrays
-from helpers.losses import per_sample_loss, resolve_loss
-from helpers.network import Chain, DenseStep, FlattenStep, _layer_sequence, as_chain
+from helpers.network import as_chain, from_first_product, split_at_first_dense
 from helpers.runtime import keras, tf
 
 #: Above this share of changed first-layer entries, the product is recomputed from scratch.
 RECOMPUTE_SHARE = 0.25
-
-
-def first_dense_layer(chain: Chain) -> keras.layers.Layer | None:
-    """The first layer if the chain starts with a ``Dense`` (after an optional ``Flatten``), else
-    ``None`` (a convolutional network: its first product is not a matrix product)."""
-    ops = [op for op in chain.ops if not isinstance(op, FlattenStep)]
-    first = ops[0] if ops else None
-    return first.layer if isinstance(first, DenseStep) and first is chain.steps[0] else None
 
 
 class IncrementalEvaluator:
@@ -54,17 +45,14 @@ class IncrementalEvaluator:
 
     def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray):
         chain = as_chain(model)
-        loss = resolve_loss(model)
-        if loss != "softmax_cross_entropy":
-            raise ValueError(
-                f"accuracy needs a classifier trained with cross-entropy; model uses {loss!r}"
-            )
-        first = first_dense_layer(chain)
-        if first is None:
+        loss = classifier_loss(model)
+        split = split_at_first_dense(model, chain)
+        if split is None:
             raise ValueError(
                 f"model {model.name!r} does not start with a Dense layer: "
                 "use helpers.evaluate.Evaluator"
             )
+        first, rest = split
         xa, ya = check_arrays(chain, x, y, loss)
         self.model = model
         self._first = first
@@ -76,19 +64,12 @@ class IncrementalEvaluator:
         self.recomputed = 0
         """How often the first product was computed from scratch (once at construction)."""
         self._update()  # from zero: every entry changed, so computed from scratch
-        layers = _layer_sequence(model)
-        rest = layers[layers.index(first) + 1 :]
         from_logits = chain.steps[-1].activation != "softmax"
         dtype = chain.dtype
 
         def totals(z: tf.Tensor, yb: tf.Tensor) -> list[tf.Tensor]:
-            h = z + first.bias if first.use_bias else z
-            h = first.activation(h)
-            for layer in rest:
-                h = layer(h, training=False)
-            correct = tf.equal(tf.argmax(h, axis=-1, output_type=yb.dtype), yb)
-            loss_sum = tf.reduce_sum(per_sample_loss(h, yb, loss, from_logits=from_logits))
-            return [loss_sum, tf.reduce_sum(tf.cast(correct, tf.int32))]
+            output = from_first_product(z, first, rest, training=False)
+            return classification_totals(output, yb, loss, from_logits)
 
         units = int(self._kernel.shape[1])
         specs = [tf.TensorSpec((None, units), dtype), tf.TensorSpec([None], tf.int32)]
@@ -124,4 +105,4 @@ class IncrementalEvaluator:
         return self._fn.experimental_get_tracing_count()
 
 
-__all__ = ["RECOMPUTE_SHARE", "IncrementalEvaluator", "first_dense_layer"]
+__all__ = ["RECOMPUTE_SHARE", "IncrementalEvaluator"]

@@ -336,6 +336,32 @@ def as_chain(model: keras.Model) -> Chain:
     )
 
 
+def split_at_first_dense(
+    model: keras.Model, chain: Chain
+) -> tuple[keras.layers.Layer, list[keras.layers.Layer]] | None:
+    """The first layer and the layers after it, if the chain starts with a ``Dense`` layer
+    (after an optional ``Flatten``); ``None`` otherwise (a convolutional network)."""
+    ops = [op for op in chain.ops if not isinstance(op, FlattenStep)]
+    if not ops or not isinstance(ops[0], DenseStep) or ops[0] is not chain.steps[0]:
+        return None
+    layers = _layer_sequence(model)
+    first = ops[0].layer
+    return first, layers[layers.index(first) + 1 :]
+
+
+def from_first_product(
+    z: object, first: keras.layers.Layer, rest: list[keras.layers.Layer], training: bool
+) -> object:
+    """The model's output from its first ``Dense`` layer's product ``z = x @ kernel``: that
+    layer's bias and activation, then the later layers, as the model computes them."""
+    if first.use_bias:
+        z = z + first.bias
+    z = first.activation(z)
+    for layer in rest:
+        z = layer(z, training=training)
+    return z
+
+
 def require_dense(chain: Chain, what: str) -> None:
     """Raise :class:`UnsupportedModelError` unless ``chain`` is made of ``Dense`` layers only."""
     if not chain.dense_only:
@@ -375,6 +401,8 @@ __all__ = [
     "WeightedStep",
     "as_chain",
     "check_finite_weights",
+    "from_first_product",
     "prunable_kernels",
     "require_dense",
+    "split_at_first_dense",
 ]

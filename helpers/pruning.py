@@ -25,8 +25,8 @@ from typing import Literal
 import numpy as np
 
 from helpers.evaluate import DEFAULT_EVAL_BATCH, Evaluator
-from helpers.incremental import IncrementalEvaluator, first_dense_layer
-from helpers.network import as_chain, prunable_kernels
+from helpers.incremental import IncrementalEvaluator
+from helpers.network import as_chain, prunable_kernels, split_at_first_dense
 from helpers.runtime import keras, tf
 from helpers.saliency import Scores, check_scores
 
@@ -199,7 +199,7 @@ def sweep_evaluator(
 ) -> Evaluator | IncrementalEvaluator:
     """The evaluator :func:`sweep` uses: incremental for a ``Dense``-first network without a
     ``strategy``, else :class:`helpers.evaluate.Evaluator`."""
-    if strategy is None and first_dense_layer(as_chain(model)) is not None:
+    if strategy is None and split_at_first_dense(model, as_chain(model)) is not None:
         return IncrementalEvaluator(model, x, y)
     return Evaluator(model, x, y, batch_size=batch_size, strategy=strategy)
 

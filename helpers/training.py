@@ -52,7 +52,7 @@ import numpy as np
 from helpers.evaluate import Evaluator
 from helpers.inputs import check_arrays, label_spec
 from helpers.losses import per_sample_loss, resolve_loss
-from helpers.network import Chain, as_chain
+from helpers.network import Chain, as_chain, from_first_product, split_at_first_dense
 from helpers.runtime import keras, set_determinism, tf
 
 #: ``on_step(step, optimizer)``: called after every optimizer step (``step`` counts from 0 over
@@ -140,9 +140,7 @@ def _compact_layers(
         return None
     if first.layer.kernel_regularizer is not None or first.layer.kernel_constraint is not None:
         return None
-    layers = list(model.layers)
-    index = next(i for i, layer in enumerate(layers) if layer is first.layer)
-    return first.layer, layers[index + 1 :]
+    return split_at_first_dense(model, chain)
 
 
 def _lean_adam_applies(optimizer: keras.optimizers.Optimizer, variables: Sequence) -> bool:
@@ -281,14 +279,9 @@ def _compact_forward(xb: tf.Tensor, compact: _Compact) -> tf.Tensor:
     """The model's training-mode output from a mini-batch ``xb`` that holds only the connected
     inputs (flattened): ``activation(xb @ kernel[rows] + bias)``, then the later layers as the
     model calls them."""
-    first = compact.first
-    z = tf.matmul(xb, compact.kernel)
-    if first.use_bias:
-        z = z + first.bias
-    z = first.activation(z)
-    for layer in compact.rest:
-        z = layer(z, training=True)
-    return z
+    return from_first_product(
+        tf.matmul(xb, compact.kernel), compact.first, compact.rest, training=True
+    )
 
 
 def _train_step(
