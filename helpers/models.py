@@ -13,7 +13,8 @@ depend only on ``seed``.
 
 Both trainers train on the 60,000 MNIST training images for a fixed number of epochs and cache
 the trained weights on disk, keyed by a hash of everything that affects training (the
-architecture and schedule, the Keras/TensorFlow versions and a digest of the data); they share
+architecture and schedule, the Keras/TensorFlow versions, TensorFlow's intra-op thread count
+and a digest of the data); they share
 one cache, one training function and one loader (:func:`_train`). Training runs in the compiled
 loop of :mod:`helpers.training` (one graph per epoch, about three times faster than
 ``model.fit`` for the small MLP). The MNIST test set is evaluated after each epoch only to
@@ -446,6 +447,7 @@ def _training_config(
         "n_test": len(x_test),
         "keras_version": keras.__version__,
         "tensorflow_version": tf.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
     }
 
 
@@ -697,7 +699,8 @@ def train_mlp(
         verbose: 1 prints one line per epoch (0 is silent).
 
     The cache entry ``<key>.weights.h5`` + ``<key>.json`` is keyed by a hash of the full
-    configuration (arguments, Keras/TensorFlow versions, a digest of the data). An entry that is
+    configuration (arguments, Keras/TensorFlow versions, the intra-op thread count, a digest of
+    the data). An entry that is
     incomplete, unreadable, fails its SHA-256, records another configuration, or whose weights do
     not reproduce the recorded test accuracy is retrained and overwritten.
 

@@ -37,11 +37,33 @@ def _stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
+
+
+def _thread_count(name: str, default: str) -> int:
+    """A non-negative int from the environment variable ``name`` (0: TensorFlow's own choice)."""
+    text = os.environ.get(name, default).strip() or default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {text!r}")
+    return value
+
+
+INTRA_OP_THREADS: int = _thread_count("OBD_INTRA_OP_THREADS", "1")
+"""Threads TensorFlow may use inside one op (``OBD_INTRA_OP_THREADS``, default 1; 0 lets
+TensorFlow choose, one per core). One thread makes every float32 sum independent of the core
+count, so the committed outputs reproduce on any machine with the same instruction set; and the
+test suite runs two processes on two cores, where one thread each is faster than two each."""
+
 with _stderr_silenced():
     import keras
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
+    # before the devices are initialised (below), after which the pools cannot change
+    tf.config.threading.set_intra_op_parallelism_threads(INTRA_OP_THREADS)
     # OBD_LOGICAL_CPUS=N splits the CPU into N logical devices (to test tf.distribute code
     # paths on one machine); it must happen before the devices are initialised.
     _logical_cpus = int(os.environ.get("OBD_LOGICAL_CPUS", "0") or 0)
@@ -71,4 +93,4 @@ def set_determinism(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-__all__ = ["keras", "set_determinism", "tf"]
+__all__ = ["INTRA_OP_THREADS", "keras", "set_determinism", "tf"]
