@@ -9,6 +9,41 @@ import pytest
 
 from helpers.runtime import keras, set_determinism
 
+# Order of the work for `--dist loadscope --no-loadscope-reorder` (pyproject.toml): a scope (a
+# notebook or a test module) goes to whichever worker is free, in this order. The two notebooks
+# that train the cached networks come first, one per worker, so no later notebook waits for a
+# network another one is still training; then the other notebooks, longest first (chapter 08
+# needs chapter 03's networks); the unit-test modules last, small pieces that fill both workers
+# evenly at the end. Within a scope the order is the collection order (nbval runs the cells of a
+# notebook in order).
+SCHEDULE = (
+    "notebooks/03_training.ipynb",
+    "notebooks/10_convolutional_networks.ipynb",
+    "notebooks/08_prune_retrain_repeat.ipynb",
+    "notebooks/09_optimal_brain_surgeon.ipynb",
+    "notebooks/11_which_hessian_approximation.ipynb",
+    "notebooks/01_taylor_expansion_and_saliency.ipynb",
+    "notebooks/06_dropout.ipynb",
+    "notebooks/02_backpropagating_second_derivatives.ipynb",
+    "notebooks/07_what_went_wrong_in_2016.ipynb",
+    "notebooks/12_compression.ipynb",
+    "notebooks/04_magnitude_vs_obd.ipynb",
+    "notebooks/05_heavy_pruning.ipynb",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the notebooks in :data:`SCHEDULE` order (a notebook not listed after them) ahead of
+    the unit tests; a stable sort, so the cells of a notebook and the tests of a module keep
+    their order."""
+    rank = {path: i for i, path in enumerate(SCHEDULE)}
+
+    def key(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return rank.get(path, len(SCHEDULE) + (not path.startswith("notebooks/")))
+
+    items.sort(key=key)
+
 
 def make_mlp(
     n_in: int = 7,
