@@ -37,10 +37,8 @@ def _stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
-
-
-def _thread_count(name: str, default: str) -> int:
-    """A non-negative int from the environment variable ``name`` (0: TensorFlow's own choice)."""
+def _env_count(name: str, default: str) -> int:
+    """A non-negative int from the environment variable ``name`` (a clear error otherwise)."""
     text = os.environ.get(name, default).strip() or default
     try:
         value = int(text)
@@ -51,11 +49,12 @@ def _thread_count(name: str, default: str) -> int:
     return value
 
 
-INTRA_OP_THREADS: int = _thread_count("OBD_INTRA_OP_THREADS", "1")
+INTRA_OP_THREADS: int = _env_count("OBD_INTRA_OP_THREADS", "1")
 """Threads TensorFlow may use inside one op (``OBD_INTRA_OP_THREADS``, default 1; 0 lets
 TensorFlow choose, one per core). One thread makes every float32 sum independent of the core
 count, so the committed outputs reproduce on any machine with the same instruction set; and the
 test suite runs two processes on two cores, where one thread each is faster than two each."""
+_logical_cpus = _env_count("OBD_LOGICAL_CPUS", "0")
 
 with _stderr_silenced():
     import keras
@@ -66,7 +65,6 @@ with _stderr_silenced():
     tf.config.threading.set_intra_op_parallelism_threads(INTRA_OP_THREADS)
     # OBD_LOGICAL_CPUS=N splits the CPU into N logical devices (to test tf.distribute code
     # paths on one machine); it must happen before the devices are initialised.
-    _logical_cpus = int(os.environ.get("OBD_LOGICAL_CPUS", "0") or 0)
     if _logical_cpus > 1:
         tf.config.set_logical_device_configuration(
             tf.config.list_physical_devices("CPU")[0],

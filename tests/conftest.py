@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +79,28 @@ def make_mlp(
         else keras.losses.MeanSquaredError()
     )
     return model
+
+
+def run_fresh_python(
+    script: str, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``python -c script`` in a fresh interpreter, from the repository root, with ``env`` added
+    to this process's environment: for settings :mod:`helpers.runtime` reads only when
+    TensorFlow starts, which this process has long done."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def fresh_python() -> Callable[..., subprocess.CompletedProcess[str]]:
+    return run_fresh_python
 
 
 @pytest.fixture

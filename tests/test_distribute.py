@@ -8,10 +8,6 @@ process has long done, so the check runs in a fresh interpreter with ``OBD_LOGIC
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 SCRIPT = r"""
 import json
@@ -48,17 +44,8 @@ print(json.dumps(out))
 """
 
 
-def test_mirrored_strategy_on_two_logical_cpus_matches_single_device() -> None:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OBD_LOGICAL_CPUS": "2", "PYTHONPATH": str(root)}
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_mirrored_strategy_on_two_logical_cpus_matches_single_device(fresh_python) -> None:
+    done = fresh_python(SCRIPT, {"OBD_LOGICAL_CPUS": "2"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["devices"] == 2 and result["replicas"] == 2

@@ -7,31 +7,15 @@ so the settings other than the default are checked in fresh interpreters.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from helpers.runtime import INTRA_OP_THREADS, tf
 
-ROOT = Path(__file__).resolve().parents[1]
 PRINT_THREADS = (
     "from helpers.runtime import INTRA_OP_THREADS, tf; "
     "print(INTRA_OP_THREADS, tf.config.threading.get_intra_op_parallelism_threads())"
 )
-
-
-def _run(value: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OBD_INTRA_OP_THREADS": value, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-c", PRINT_THREADS],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_this_process_runs_with_the_configured_count() -> None:
@@ -41,15 +25,15 @@ def test_this_process_runs_with_the_configured_count() -> None:
 
 
 @pytest.mark.parametrize(("value", "expected"), [("", "1 1"), ("3", "3 3"), ("0", "0 0")])
-def test_environment_variable_sets_the_count(value: str, expected: str) -> None:
-    done = _run(value)
+def test_environment_variable_sets_the_count(fresh_python, value: str, expected: str) -> None:
+    done = fresh_python(PRINT_THREADS, {"OBD_INTRA_OP_THREADS": value}, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == expected.split()
 
 
 @pytest.mark.parametrize("value", ["two", "-1", "1.5"])
-def test_bad_count_is_refused_by_name(value: str) -> None:
-    done = _run(value)
+def test_bad_count_is_refused_by_name(fresh_python, value: str) -> None:
+    done = fresh_python(PRINT_THREADS, {"OBD_INTRA_OP_THREADS": value}, timeout=120)
     assert done.returncode != 0
     assert "OBD_INTRA_OP_THREADS must be a non-negative integer" in done.stderr
     assert repr(value) in done.stderr
