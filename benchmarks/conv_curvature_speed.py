@@ -1,11 +1,11 @@
-"""Cost of each second-derivative method on a LeNet-5-style network, as a ratio to one gradient pass.
+"""Cost of each second-derivative method on chapter 10's LeNet-5, as a ratio to one gradient pass.
 
-The model: Conv2D 6@5x5 "same" ReLU, MaxPooling2D 2, Conv2D 16@5x5 "valid" ReLU, MaxPooling2D 2,
-Flatten, Dense 120 ReLU, Dense 84 ReLU, Dense 10 (logits), freshly initialised, on random
-MNIST-shaped inputs (28x28x1) and random labels (nothing is downloaded or trained: the costs do
-not depend on the values). In one process a compiled gradient pass
-(``helpers.curvature.gradients``, kernels only) and each method of
-``helpers.curvature.second_derivatives`` are timed side by side, round-robin, and the median of
+The model: :func:`helpers.models.build_lenet5` (Conv2D 6@5x5 "valid" ReLU, MaxPooling2D 2,
+Conv2D 16@5x5 "valid" ReLU, MaxPooling2D 2, Flatten, Dense 120 ReLU, Dense 84 ReLU, Dense 10
+logits; 44,190 kernel weights), freshly initialised, on random MNIST-shaped inputs (28x28x1) and
+random labels (nothing is downloaded or trained: the costs do not depend on the values). In one
+process a compiled gradient pass (``helpers.curvature.gradients``, kernels only) and each method
+of ``helpers.curvature.second_derivatives`` are timed side by side, round-robin, and the median of
 the repeats is reported. A sanity check of the cost, not a test: nothing is asserted.
 
     python -m benchmarks.conv_curvature_speed                  # 2,000 inputs, float32
@@ -25,29 +25,9 @@ import numpy as np
 from benchmarks.cli import benchmark_parser, write_json
 from benchmarks.timing import median_seconds
 from helpers.curvature import DEFAULT_BATCH_SIZE, gradients, second_derivatives
+from helpers.models import build_lenet5
 from helpers.network import prunable_kernels
-from helpers.runtime import keras, set_determinism, tf
-
-
-def lenet5(dtype: str = "float32", seed: int = 0) -> keras.Sequential:
-    """The LeNet-5-style chain described in the module docstring, compiled with logits CE."""
-    set_determinism(seed)
-    model = keras.Sequential(
-        [
-            keras.Input((28, 28, 1), dtype=dtype),
-            keras.layers.Conv2D(6, 5, padding="same", activation="relu", dtype=dtype),
-            keras.layers.MaxPooling2D(2, dtype=dtype),
-            keras.layers.Conv2D(16, 5, activation="relu", dtype=dtype),
-            keras.layers.MaxPooling2D(2, dtype=dtype),
-            keras.layers.Flatten(dtype=dtype),
-            keras.layers.Dense(120, activation="relu", dtype=dtype),
-            keras.layers.Dense(84, activation="relu", dtype=dtype),
-            keras.layers.Dense(10, dtype=dtype),
-        ],
-        name="lenet5",
-    )
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
+from helpers.runtime import tf
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(0)
     x = rng.random((args.samples, 28, 28, 1), dtype=np.float32)
     y = rng.integers(0, 10, size=args.samples)
-    model = lenet5()
+    model = build_lenet5(seed=0)
     n_weights = sum(int(np.prod(k.shape)) for k in prunable_kernels(model).values())
     bs = args.batch_size
 
@@ -78,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"devices {devices}"
     )
     print(
-        f"LeNet-5-style model, {n_weights:,} kernel weights, {args.samples:,} random 28x28x1 "
+        f"LeNet-5 of chapter 10, {n_weights:,} kernel weights, {args.samples:,} random 28x28x1 "
         f"inputs, batch size {bs}, float32, median of {args.repeats} runs\n"
     )
     print(f"{'method':<14}{'seconds':>10}{'x gradient':>12}")
