@@ -11,6 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# In the suite's two worker processes (pytest-xdist), TensorFlow runs independent ops one at a
+# time: the two workers, and the notebook kernels they start (which inherit this environment),
+# share two cores, where one inter-op thread each is faster and gives the same numbers
+# (helpers.runtime). Set before helpers.runtime is imported; an explicit setting is kept.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OBD_INTER_OP_THREADS", "1")
+
 from helpers.runtime import keras, set_determinism
 
 # Order of the work for `--dist loadscope --no-loadscope-reorder` (pyproject.toml): a scope (a

@@ -1,4 +1,4 @@
-"""Tests for :mod:`helpers.runtime`: the intra-op thread count TensorFlow runs with.
+"""Tests for :mod:`helpers.runtime`: the intra- and inter-op thread counts TensorFlow runs with.
 
 The count is fixed when TensorFlow initialises its devices, which this process has long done,
 so the settings other than the default are checked in fresh interpreters.
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from helpers.runtime import INTRA_OP_THREADS, tf
+from helpers.runtime import INTER_OP_THREADS, INTRA_OP_THREADS, tf
 
 PRINT_THREADS = (
     "from helpers.runtime import INTRA_OP_THREADS, tf; "
@@ -18,10 +18,25 @@ PRINT_THREADS = (
 )
 
 
+PRINT_INTER = (
+    "from helpers.runtime import INTER_OP_THREADS, tf; "
+    "print(INTER_OP_THREADS, tf.config.threading.get_inter_op_parallelism_threads())"
+)
+
+
 def test_this_process_runs_with_the_configured_count() -> None:
     expected = int(os.environ.get("OBD_INTRA_OP_THREADS", "1") or 1)
     assert INTRA_OP_THREADS == expected
     assert tf.config.threading.get_intra_op_parallelism_threads() == expected
+    inter = int(os.environ.get("OBD_INTER_OP_THREADS", "0") or 0)
+    assert INTER_OP_THREADS == inter
+    assert tf.config.threading.get_inter_op_parallelism_threads() == inter
+
+
+def test_the_suite_workers_run_one_inter_op_thread() -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("only the pytest-xdist workers set it (tests/conftest.py)")
+    assert os.environ["OBD_INTER_OP_THREADS"] == "1"
 
 
 @pytest.mark.parametrize(("value", "expected"), [("", "1 1"), ("3", "3 3"), ("0", "0 0")])
@@ -31,9 +46,26 @@ def test_environment_variable_sets_the_count(fresh_python, value: str, expected:
     assert done.stdout.split() == expected.split()
 
 
-@pytest.mark.parametrize("value", ["two", "-1", "1.5"])
-def test_bad_count_is_refused_by_name(fresh_python, value: str) -> None:
-    done = fresh_python(PRINT_THREADS, {"OBD_INTRA_OP_THREADS": value}, timeout=120)
+@pytest.mark.parametrize(("value", "expected"), [("", "0 0"), ("1", "1 1"), ("3", "3 3")])
+def test_inter_op_environment_variable_sets_the_count(
+    fresh_python, value: str, expected: str
+) -> None:
+    done = fresh_python(PRINT_INTER, {"OBD_INTER_OP_THREADS": value}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == expected.split()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OBD_INTRA_OP_THREADS", "two"),
+        ("OBD_INTRA_OP_THREADS", "-1"),
+        ("OBD_INTRA_OP_THREADS", "1.5"),
+        ("OBD_INTER_OP_THREADS", "one"),
+    ],
+)
+def test_bad_count_is_refused_by_name(fresh_python, name: str, value: str) -> None:
+    done = fresh_python(PRINT_THREADS, {name: value}, timeout=120)
     assert done.returncode != 0
-    assert "OBD_INTRA_OP_THREADS must be a non-negative integer" in done.stderr
+    assert f"{name} must be a non-negative integer" in done.stderr
     assert repr(value) in done.stderr
