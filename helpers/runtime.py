@@ -58,8 +58,9 @@ INTER_OP_THREADS: int = _env_count("OBD_INTER_OP_THREADS", "0")
 """Threads TensorFlow may use to run independent ops of a graph at the same time
 (``OBD_INTER_OP_THREADS``, default 0: TensorFlow's choice, one per core). It changes no result,
 only which ops may overlap. The test suite sets 1 in its two worker processes
-(``tests/conftest.py``): there two processes share two cores, and one thread each retrains
-about 8% faster than TensorFlow's two each, while a process alone is faster with two."""
+(``tests/conftest.py``): there two processes share two cores, and two processes retraining
+side by side were about 8% faster with one thread each than with TensorFlow's two each (the
+whole suite's time did not change measurably); a process alone is faster with two."""
 _logical_cpus = _env_count("OBD_LOGICAL_CPUS", "0")
 
 with _stderr_silenced():
