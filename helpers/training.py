@@ -31,8 +31,9 @@ non-zero moments left on a disconnected input, every input is multiplied.
 accumulation or loss scaling, outside a distribution strategy) the step applies Keras' update
 itself, written as Keras writes it with fewer graph operations, so the values are bitwise the same
 (tested against ``optimizer.apply``); any other optimizer goes through ``optimizer.apply``. On its
-own this is not measurably faster (``benchmarks/train_speed.py``: 0.97x to 1.03x for dense training); what
-it buys is the compact first kernel above, whose Adam moments it keeps with the rows.
+own this is not measurably faster (``benchmarks/train_speed.py``: 0.97x to 1.03x for dense
+training); what it buys is the compact first kernel above, whose Adam moments it keeps with the
+rows.
 
 With ``soft_targets`` the loss of each sample is Hinton et al.'s (2015) distillation loss,
 :math:`(1-\alpha)\,\mathrm{CE}(y, \sigma(z)) + \alpha\,T^2\,\mathrm{CE}(\sigma(t/T), \sigma(z/T))`

@@ -13,8 +13,9 @@ import pytest
 
 # In the suite's two worker processes (pytest-xdist), TensorFlow runs independent ops one at a
 # time: the two workers, and the notebook kernels they start (which inherit this environment),
-# share two cores, where one inter-op thread each is faster and gives the same numbers
-# (helpers.runtime). Set before helpers.runtime is imported; an explicit setting is kept.
+# share two cores; the same numbers, and two processes side by side were faster with one
+# inter-op thread each (helpers.runtime). Set before helpers.runtime is imported; an explicit
+# setting is kept.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OBD_INTER_OP_THREADS", "1")
 

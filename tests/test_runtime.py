@@ -12,16 +12,20 @@ import pytest
 
 from helpers.runtime import INTER_OP_THREADS, INTRA_OP_THREADS, tf
 
-PRINT_THREADS = (
-    "from helpers.runtime import INTRA_OP_THREADS, tf; "
-    "print(INTRA_OP_THREADS, tf.config.threading.get_intra_op_parallelism_threads())"
-)
+
+def _print_count(kind: str) -> str:
+    """A script printing helpers.runtime's ``kind``-op count and the one TensorFlow runs with."""
+    name = f"{kind.upper()}_OP_THREADS"
+    return (
+        f"from helpers.runtime import {name}, tf; "
+        f"print({name}, tf.config.threading.get_{kind}_op_parallelism_threads())"
+    )
 
 
-PRINT_INTER = (
-    "from helpers.runtime import INTER_OP_THREADS, tf; "
-    "print(INTER_OP_THREADS, tf.config.threading.get_inter_op_parallelism_threads())"
-)
+PRINT = {
+    "OBD_INTRA_OP_THREADS": _print_count("intra"),
+    "OBD_INTER_OP_THREADS": _print_count("inter"),
+}
 
 
 def test_this_process_runs_with_the_configured_count() -> None:
@@ -39,18 +43,21 @@ def test_the_suite_workers_run_one_inter_op_thread() -> None:
     assert os.environ["OBD_INTER_OP_THREADS"] == "1"
 
 
-@pytest.mark.parametrize(("value", "expected"), [("", "1 1"), ("3", "3 3"), ("0", "0 0")])
-def test_environment_variable_sets_the_count(fresh_python, value: str, expected: str) -> None:
-    done = fresh_python(PRINT_THREADS, {"OBD_INTRA_OP_THREADS": value}, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == expected.split()
-
-
-@pytest.mark.parametrize(("value", "expected"), [("", "0 0"), ("1", "1 1"), ("3", "3 3")])
-def test_inter_op_environment_variable_sets_the_count(
-    fresh_python, value: str, expected: str
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("OBD_INTRA_OP_THREADS", "", "1 1"),
+        ("OBD_INTRA_OP_THREADS", "3", "3 3"),
+        ("OBD_INTRA_OP_THREADS", "0", "0 0"),
+        ("OBD_INTER_OP_THREADS", "", "0 0"),
+        ("OBD_INTER_OP_THREADS", "1", "1 1"),
+        ("OBD_INTER_OP_THREADS", "3", "3 3"),
+    ],
+)
+def test_environment_variable_sets_the_count(
+    fresh_python, name: str, value: str, expected: str
 ) -> None:
-    done = fresh_python(PRINT_INTER, {"OBD_INTER_OP_THREADS": value}, timeout=120)
+    done = fresh_python(PRINT[name], {name: value}, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == expected.split()
 
@@ -65,7 +72,7 @@ def test_inter_op_environment_variable_sets_the_count(
     ],
 )
 def test_bad_count_is_refused_by_name(fresh_python, name: str, value: str) -> None:
-    done = fresh_python(PRINT_THREADS, {name: value}, timeout=120)
+    done = fresh_python(PRINT[name], {name: value}, timeout=120)
     assert done.returncode != 0
     assert f"{name} must be a non-negative integer" in done.stderr
     assert repr(value) in done.stderr
