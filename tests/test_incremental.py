@@ -9,7 +9,7 @@ from helpers.data import load_mnist
 from helpers.evaluate import Evaluator
 from helpers.incremental import RECOMPUTE_SHARE, IncrementalEvaluator
 from helpers.models import build_lenet5, build_mlp
-from helpers.pruning import apply_masks, snapshot, sweep, sweep_evaluator
+from helpers.pruning import apply_masks, masks_from_scores, snapshot, sweep, sweep_evaluator
 from helpers.runtime import tf
 from helpers.saliency import magnitude
 
@@ -49,20 +49,43 @@ def test_every_step_equals_a_full_evaluation(images, dropout_rate) -> None:
     assert incremental.tracing_count == 1
 
 
+def near_ties(model, x: np.ndarray, tolerance: float = 1e-4) -> np.ndarray:
+    """Images whose two largest logits, computed in float64 from the weights the model has now,
+    are closer than ``tolerance`` times the largest logit: the only images whose prediction
+    float32 rounding (which differs between CPUs and code paths) can change."""
+    z = x.reshape(len(x), -1).astype(np.float64)
+    dense = [layer for layer in model.layers if hasattr(layer, "kernel")]
+    for i, layer in enumerate(dense):
+        z = z @ layer.kernel.numpy().astype(np.float64) + layer.bias.numpy()
+        if i < len(dense) - 1:
+            z = np.maximum(z, 0.0)
+    top2 = np.sort(z, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0] < tolerance * max(1.0, float(np.abs(z).max()))
+
+
 def test_small_steps_update_without_recomputing(images) -> None:
     x, y = images
     model = build_mlp(hidden=(16, 16), seed=4)
+    scores = magnitude(model)
     evaluator = IncrementalEvaluator(model, x, y)
-    result = sweep(model, magnitude(model), x, y, evaluator=evaluator)
+    result = sweep(model, scores, x, y, evaluator=evaluator)
     assert evaluator.recomputed == 1  # 101 points, 1% of the weights per step
-    expected = sweep(model, magnitude(model), x, y, evaluator=Evaluator(model, x, y))
-    # Both round the first product to float32, in different orders. Near 100% removed an
-    # untrained network's logits are nearly input-independent, so a rounding difference can
-    # flip a near tie: a few images at a few points, never more.
-    flips = np.rint(np.abs(result.accuracy - expected.accuracy) * len(y))
-    assert flips.max() <= 3 and np.count_nonzero(flips) <= 5
-    np.testing.assert_array_equal(result.accuracy[:90], expected.accuracy[:90])
+    expected = sweep(model, scores, x, y, evaluator=Evaluator(model, x, y))
     np.testing.assert_allclose(result.loss, expected.loss, rtol=1e-5)
+    # Both round the first product to float32, in different orders, so an image can change
+    # class only where its two largest logits are a near tie (an untrained network near 100%
+    # removed has many). The number of near ties is computed in float64, the same on any CPU.
+    original = snapshot(model)
+    ties = []
+    for fraction in result.fractions:
+        apply_masks(model, masks_from_scores(scores, float(fraction)), base=original)
+        ties.append(int(near_ties(model, x).sum()))
+    original.restore()
+    flips = np.rint(np.abs(result.accuracy - expected.accuracy) * len(y)).astype(int)
+    assert np.all(flips <= np.asarray(ties)), list(zip(result.fractions, flips, ties, strict=True))
+    # the bound is tight where it matters: up to 90% removed at most 1% of the images are near
+    # ties at any point (at 98-99% every image is: the first kernel is gone, the logits constant)
+    assert max(ties[:91]) <= 0.01 * len(y)
 
 
 def test_a_dense_first_network_gets_the_incremental_evaluator_others_the_full_one(images) -> None:
