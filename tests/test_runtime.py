@@ -76,3 +76,29 @@ def test_bad_count_is_refused_by_name(fresh_python, name: str, value: str) -> No
     assert done.returncode != 0
     assert f"{name} must be a non-negative integer" in done.stderr
     assert repr(value) in done.stderr
+
+
+def _onednn_enabled() -> bool:
+    """Whether this TensorFlow runs its oneDNN kernels (TF_ENABLE_ONEDNN_OPTS, read at import)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def test_the_suite_checks_the_notebooks_under_another_numeric_path(fresh_python) -> None:
+    from helpers.notebooks import KERNEL_ENV
+
+    # the committed outputs come from kernels with oneDNN on ...
+    assert KERNEL_ENV["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    if os.environ["TF_ENABLE_ONEDNN_OPTS"] != "0":
+        pytest.skip("TF_ENABLE_ONEDNN_OPTS was set explicitly: checking under that path")
+    # ... and tests/conftest.py turned it off for this process and every process it starts,
+    # the notebook kernels of nbval included
+    assert not _onednn_enabled()
+    script = (
+        "from helpers.runtime import tf; "
+        "from tensorflow.python.util import _pywrap_util_port as p; print(p.IsMklEnabled())"
+    )
+    done = fresh_python(script, {}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
