@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from helpers.data import MnistArrays, array_digest, load_mnist
-from helpers.runtime import keras, set_determinism, tf
+from helpers.runtime import keras, numeric_environment, set_determinism, tf
 from helpers.training import fit_classifier
 
 #: Hidden-layer widths of the network in the tutorial (784-50-50-50-50-10).
@@ -448,6 +448,7 @@ def _training_config(
         "keras_version": keras.__version__,
         "tensorflow_version": tf.__version__,
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "numerics": numeric_environment(),
     }
 
 
@@ -701,9 +702,9 @@ def train_mlp(
         verbose: 1 prints one line per epoch (0 is silent).
 
     The cache entry ``<key>.weights.h5`` + ``<key>.json`` is keyed by a hash of the full
-    configuration (arguments, Keras/TensorFlow versions, the intra-op thread count, a digest of
-    the data). An entry that is
-    incomplete, unreadable, fails its SHA-256, records another configuration, or whose weights do
+    configuration (arguments, Keras/TensorFlow versions, the intra-op thread count, the oneDNN
+    settings of :func:`helpers.runtime.numeric_environment`, a digest of the data). An entry
+    that is incomplete, unreadable, fails its SHA-256, records another configuration, or whose weights do
     not reproduce the recorded test accuracy is retrained and overwritten.
 
     Returns:

@@ -99,4 +99,26 @@ def set_determinism(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-__all__ = ["INTER_OP_THREADS", "INTRA_OP_THREADS", "keras", "set_determinism", "tf"]
+def numeric_environment() -> dict[str, object]:
+    """The settings besides the thread count that change TensorFlow's float32 sums, as this
+    process runs them: whether the oneDNN kernels are on (``TF_ENABLE_ONEDNN_OPTS``, read when
+    TensorFlow was imported; on by default on x86) and the instruction set oneDNN may use
+    (``ONEDNN_MAX_CPU_ISA``, "" when not set). A network trained under other settings differs in
+    its last bits, so the model cache keys on them (:mod:`helpers.models`)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        onednn = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # pragma: no cover - a TensorFlow without the query
+        onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() not in ("0", "false")
+    return {"onednn": onednn, "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
+
+
+__all__ = [
+    "INTER_OP_THREADS",
+    "INTRA_OP_THREADS",
+    "keras",
+    "numeric_environment",
+    "set_determinism",
+    "tf",
+]

@@ -18,7 +18,7 @@ from helpers import models
 from helpers.data import MnistArrays, load_mnist
 from helpers.models import TrainedModel, build_lenet5, build_mlp, train_lenet5, train_mlp
 from helpers.network import as_chain, prunable_kernels
-from helpers.runtime import INTRA_OP_THREADS, keras
+from helpers.runtime import INTRA_OP_THREADS, keras, numeric_environment
 
 SMALL = {"hidden": (8,), "epochs": 1, "batch_size": 64, "learning_rate": 1e-2}
 
@@ -193,6 +193,7 @@ def test_first_run_trains_and_writes_cache(first: TrainedModel, first_cache: Pat
     assert record["config"]["hidden"] == [8]
     assert record["config"]["keras_version"] == keras.__version__
     assert record["config"]["intra_op_threads"] == INTRA_OP_THREADS  # it changes float32 sums
+    assert record["config"]["numerics"] == numeric_environment()  # so do the oneDNN settings
     assert set(first.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert all(len(v) == 1 for v in first.history.values())
     assert first.history["val_accuracy"][-1] == pytest.approx(first.test_accuracy, abs=1e-6)

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from helpers.runtime import INTER_OP_THREADS, INTRA_OP_THREADS, tf
+from helpers.runtime import INTER_OP_THREADS, INTRA_OP_THREADS, numeric_environment, tf
 
 
 def _print_count(kind: str) -> str:
@@ -78,13 +78,6 @@ def test_bad_count_is_refused_by_name(fresh_python, name: str, value: str) -> No
     assert repr(value) in done.stderr
 
 
-def _onednn_enabled() -> bool:
-    """Whether this TensorFlow runs its oneDNN kernels (TF_ENABLE_ONEDNN_OPTS, read at import)."""
-    from tensorflow.python.util import _pywrap_util_port
-
-    return bool(_pywrap_util_port.IsMklEnabled())
-
-
 def test_the_suite_checks_the_notebooks_under_another_numeric_path(fresh_python) -> None:
     from helpers.notebooks import KERNEL_ENV
 
@@ -94,11 +87,30 @@ def test_the_suite_checks_the_notebooks_under_another_numeric_path(fresh_python)
         pytest.skip("TF_ENABLE_ONEDNN_OPTS was set explicitly: checking under that path")
     # ... and tests/conftest.py turned it off for this process and every process it starts,
     # the notebook kernels of nbval included
-    assert not _onednn_enabled()
-    script = (
-        "from helpers.runtime import tf; "
-        "from tensorflow.python.util import _pywrap_util_port as p; print(p.IsMklEnabled())"
-    )
+    assert numeric_environment()["onednn"] is False
+    script = "from helpers.runtime import numeric_environment; print(numeric_environment())"
     done = fresh_python(script, {}, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert done.stdout.strip().startswith("{'onednn': False")
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"TF_ENABLE_ONEDNN_OPTS": "1", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+            "{'onednn': True, 'onednn_max_cpu_isa': 'AVX2'}",
+        ),
+        (
+            {"TF_ENABLE_ONEDNN_OPTS": "0", "ONEDNN_MAX_CPU_ISA": ""},
+            "{'onednn': False, 'onednn_max_cpu_isa': ''}",
+        ),
+    ],
+)
+def test_numeric_environment_reports_the_settings_tensorflow_started_with(
+    fresh_python, env: dict[str, str], expected: str
+) -> None:
+    script = "from helpers.runtime import numeric_environment; print(numeric_environment())"
+    done = fresh_python(script, env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
