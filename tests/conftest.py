@@ -19,15 +19,8 @@ import pytest
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OBD_INTER_OP_THREADS", "1")
 
-# The suite checks the notebooks under another numeric environment than the one that executed
-# them: `python -m helpers.notebooks` runs the kernels with TensorFlow's oneDNN kernels (its
-# default on x86), the suite with them off (Eigen's kernels), in this process and in the notebook
-# kernels nbval starts (they inherit this environment). Trained weights then differ in their last
-# bits, as on another CPU, so a checked output or an assertion that holds only for one machine's
-# rounding fails here too. An explicit setting is kept: `TF_ENABLE_ONEDNN_OPTS=1 python -m pytest`
-# checks under the executing path. TensorFlow reads the variable when it is imported (below).
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
+# The numeric environment of the suite (oneDNN off) is set by the repository's root conftest.py,
+# which pytest loads first.
 from helpers.runtime import keras, set_determinism
 
 # Order of the work for `--dist loadscope --no-loadscope-reorder` (pyproject.toml): a scope (a

@@ -17,8 +17,8 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import make_mlp
 
+from conftest import make_mlp
 from helpers.approximations import (
     Fidelity,
     empirical_fisher,

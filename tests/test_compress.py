@@ -9,8 +9,8 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import make_mlp
 
+from conftest import make_mlp
 from helpers import compress
 from helpers.compress import (
     bitmask_bytes,

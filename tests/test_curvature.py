@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_mlp
 
+from conftest import make_mlp
 from helpers.curvature import (
     autodiff_entries,
     gradients,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_mlp
 
+from conftest import make_mlp
 from helpers.curvature import mean_loss, second_derivatives
 from helpers.network import prunable_kernels
 from helpers.obs import (
