@@ -704,8 +704,8 @@ def train_mlp(
     The cache entry ``<key>.weights.h5`` + ``<key>.json`` is keyed by a hash of the full
     configuration (arguments, Keras/TensorFlow versions, the intra-op thread count, the oneDNN
     settings of :func:`helpers.runtime.numeric_environment`, a digest of the data). An entry
-    that is incomplete, unreadable, fails its SHA-256, records another configuration, or whose weights do
-    not reproduce the recorded test accuracy is retrained and overwritten.
+    that is incomplete, unreadable, fails its SHA-256, records another configuration, or whose
+    weights do not reproduce the recorded test accuracy is retrained and overwritten.
 
     Returns:
         A :class:`TrainedModel`; its model is compiled with a fresh Adam(``learning_rate``).

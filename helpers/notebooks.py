@@ -59,7 +59,7 @@ KERNEL_ENV: dict[str, str] = {
     "PYTHONHASHSEED": "0",  # deterministic hash()/set order
     "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # silence debugpy's frozen-modules warning
     # TensorFlow's default numeric path on x86 (oneDNN kernels), whatever the shell says: the
-    # test suite checks the committed outputs under the other one (tests/conftest.py), so a
+    # test suite checks the committed outputs under the other one (the root conftest.py), so a
     # checked output that depends on rounding fails on the machine that executed it.
     "TF_ENABLE_ONEDNN_OPTS": "1",
 }

@@ -85,7 +85,7 @@ def test_the_suite_checks_the_notebooks_under_another_numeric_path(fresh_python)
     assert KERNEL_ENV["TF_ENABLE_ONEDNN_OPTS"] == "1"
     if os.environ["TF_ENABLE_ONEDNN_OPTS"] != "0":
         pytest.skip("TF_ENABLE_ONEDNN_OPTS was set explicitly: checking under that path")
-    # ... and tests/conftest.py turned it off for this process and every process it starts,
+    # ... and the root conftest.py turned it off for this process and every process it starts,
     # the notebook kernels of nbval included
     assert numeric_environment()["onednn"] is False
     script = "from helpers.runtime import numeric_environment; print(numeric_environment())"
